@@ -1,0 +1,188 @@
+// MindSpore AOT entry points for the CPU backend: unpack MindSpore's (params, shapes, dtypes) calling
+// convention into an NsaProblem and call the math core. No math lives here.
+//
+// Inputs follow the aclnn argument order of ops_yaml/ (tensors only; the reserved atten_mask is not
+// passed and the cumulative lengths arrive as 1-D int64 tensors), then the outputs:
+//   NsaSelectAttention:      query key value topk_indices actual_seq_qlen actual_seq_kvlen
+//                            -> softmax_max softmax_sum attention_out
+//   NsaSelectAttentionGrad:  query key value attention_out grad softmax_max softmax_sum topk_indices
+//                            actual_seq_qlen actual_seq_kvlen -> dq dk dv
+// Attributes (read once per shape in the *Init functions): scale_value, head_num, sparse_mode,
+// select_block_size, select_block_count.
+#include <cstring>
+#include <cstdio>
+#include <mutex>
+#include <string>
+
+#include "aot_extra.h"
+#include "nsa_core.h"
+
+namespace {
+
+using mindspore::AotExtra;
+using mindspore::AotKernelData;
+using ms_nsa::DType;
+using ms_nsa::NsaError;
+using ms_nsa::NsaProblem;
+
+struct NsaAttrs : public AotKernelData {
+  float scale_value = 1.0f;
+  int64_t head_num = 0;
+  int64_t sparse_mode = 0;
+  int64_t select_block_size = 0;
+  int64_t select_block_count = 0;
+};
+
+std::mutex g_error_mutex;
+std::string g_last_error;
+int g_last_status = 0;
+
+int report(const NsaError &err) {
+  if (err.status == ms_nsa::kOk) return 0;
+  {
+    std::lock_guard<std::mutex> lock(g_error_mutex);
+    g_last_error = err.message;
+    g_last_status = err.status;
+  }
+  // Graph mode surfaces only the status number, so the message also goes to stderr.
+  std::fprintf(stderr, "[ms_nsa] error %d: %s\n", static_cast<int>(err.status), err.message.c_str());
+  return static_cast<int>(err.status);
+}
+
+bool parse_dtype(const char *name, DType *dtype) {
+  if (std::strcmp(name, "float32") == 0) *dtype = DType::kFloat32;
+  else if (std::strcmp(name, "float16") == 0) *dtype = DType::kFloat16;
+  else if (std::strcmp(name, "bfloat16") == 0) *dtype = DType::kBFloat16;
+  else return false;
+  return true;
+}
+
+int read_attrs(AotExtra *extra) {
+  auto *attrs = new NsaAttrs;
+  attrs->scale_value = extra->GetAttrFloat("scale_value");
+  attrs->head_num = extra->GetAttrInt("head_num");
+  attrs->sparse_mode = extra->GetAttrInt("sparse_mode");
+  attrs->select_block_size = extra->GetAttrInt("select_block_size");
+  attrs->select_block_count = extra->GetAttrInt("select_block_count");
+  extra->SetKernelData(attrs);
+  return 0;
+}
+
+// Positions of the tensors the problem is read from, in each op's parameter list.
+struct Layout {
+  int query, key, value, topk, cu_q, cu_kv;
+};
+
+NsaError build_problem(const Layout &at, int nparam, int *ndims, int64_t **shapes, const char **dtypes,
+                       void **params, void *extra, NsaProblem *p) {
+  const auto *attrs = static_cast<const NsaAttrs *>(static_cast<AotExtra *>(extra)->KernelData());
+  if (attrs == nullptr) return {ms_nsa::kInternal, "kernel attributes were not initialised"};
+  if (nparam <= at.cu_kv || ndims[at.query] != 3 || ndims[at.key] != 3 || ndims[at.value] != 3 ||
+      ndims[at.topk] != 3 || ndims[at.cu_q] != 1 || ndims[at.cu_kv] != 1) {
+    return {ms_nsa::kBadProblem, "query, key, value and topk_indices must be 3-D (TND), "
+                                 "actual_seq_qlen and actual_seq_kvlen 1-D"};
+  }
+  if (!parse_dtype(dtypes[at.query], &p->dtype)) {
+    return {ms_nsa::kUnsupportedDType, std::string("query dtype ") + dtypes[at.query] +
+                                           " is not supported; use float32, float16 or bfloat16"};
+  }
+  p->q_tokens = shapes[at.query][0];
+  p->q_heads = shapes[at.query][1];
+  p->qk_head_dim = shapes[at.query][2];
+  p->kv_tokens = shapes[at.key][0];
+  p->kv_heads = shapes[at.key][1];
+  p->v_head_dim = shapes[at.value][2];
+  p->batch_count = shapes[at.cu_q][0];
+  p->cu_seqlens_q = static_cast<const int64_t *>(params[at.cu_q]);
+  p->cu_seqlens_kv = static_cast<const int64_t *>(params[at.cu_kv]);
+  p->select_block_size = attrs->select_block_size;
+  p->select_block_count = attrs->select_block_count;
+  p->scale_value = attrs->scale_value;
+  p->causal = attrs->sparse_mode == 2;
+  // The Python layer checks all of this against ops_yaml/ before the op is built; these guard the
+  // pointer arithmetic below should the kernel ever be called some other way.
+  const bool consistent =
+      attrs->head_num == p->q_heads && shapes[at.key][2] == p->qk_head_dim &&
+      shapes[at.value][0] == p->kv_tokens && shapes[at.value][1] == p->kv_heads &&
+      shapes[at.topk][0] == p->q_tokens && shapes[at.topk][1] == p->kv_heads &&
+      shapes[at.topk][2] == p->select_block_count && shapes[at.cu_kv][0] == p->batch_count &&
+      (attrs->sparse_mode == 0 || attrs->sparse_mode == 2) &&
+      std::strcmp(dtypes[at.topk], "int32") == 0 && std::strcmp(dtypes[at.cu_q], "int64") == 0 &&
+      std::strcmp(dtypes[at.cu_kv], "int64") == 0;
+  if (!consistent) {
+    return {ms_nsa::kBadProblem, "shapes, dtypes or attributes of the inputs disagree with each other "
+                                 "(head_num, topk_indices shape, cumulative-length dtypes or sparse_mode)"};
+  }
+  return {};
+}
+
+bool has_shape(int ndim, const int64_t *shape, const int64_t (&want)[3]) {
+  return ndim == 3 && shape[0] == want[0] && shape[1] == want[1] && shape[2] == want[2];
+}
+
+}  // namespace
+
+extern "C" {
+
+int NsaSelectAttentionInit(int *, int64_t **, const char **, AotExtra *extra) { return read_attrs(extra); }
+
+int NsaSelectAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                       void * /*stream*/, void *extra) {
+  constexpr Layout at{0, 1, 2, 3, 4, 5};
+  NsaProblem p;
+  NsaError err = build_problem(at, nparam, ndims, shapes, dtypes, params, extra, &p);
+  if (err.status != ms_nsa::kOk) return report(err);
+  return report(ms_nsa::nsa_forward(p, params[0], params[1], params[2],
+                                    static_cast<const int32_t *>(params[3]),
+                                    static_cast<float *>(params[6]), static_cast<float *>(params[7]),
+                                    params[8]));
+}
+
+int NsaSelectAttentionGradInit(int *, int64_t **, const char **, AotExtra *extra) {
+  return read_attrs(extra);
+}
+
+int NsaSelectAttentionGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void * /*stream*/, void *extra) {
+  constexpr Layout at{0, 1, 2, 7, 8, 9};
+  NsaProblem p;
+  NsaError err = build_problem(at, nparam, ndims, shapes, dtypes, params, extra, &p);
+  if (err.status != ms_nsa::kOk) return report(err);
+  const int64_t out_shape[3] = {p.q_tokens, p.q_heads, p.v_head_dim};
+  const int64_t stat_shape[3] = {p.q_tokens, p.q_heads, ms_nsa::kSoftmaxStatWidth};
+  if (nparam < 13 || !has_shape(ndims[3], shapes[3], out_shape) ||
+      !has_shape(ndims[4], shapes[4], out_shape) || !has_shape(ndims[5], shapes[5], stat_shape) ||
+      !has_shape(ndims[6], shapes[6], stat_shape)) {
+    return report({ms_nsa::kBadProblem, "attention_out and grad must be [T1, N1, Dv] and softmax_max, "
+                                        "softmax_sum [T1, N1, 8]"});
+  }
+  return report(ms_nsa::nsa_backward(p, params[0], params[1], params[2], params[3], params[4],
+                                     static_cast<const float *>(params[5]),
+                                     static_cast<const float *>(params[6]),
+                                     static_cast<const int32_t *>(params[7]), params[10], params[11],
+                                     params[12]));
+}
+
+// Introspection for the Python layer (ctypes): the last error's message and status, thread count.
+const char *ms_nsa_last_error_message() {
+  static thread_local std::string copy;
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  copy = g_last_error;
+  return copy.c_str();
+}
+
+int ms_nsa_last_error_status() {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  return g_last_status;
+}
+
+void ms_nsa_clear_error() {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  g_last_error.clear();
+  g_last_status = 0;
+}
+
+void ms_nsa_set_num_threads(int num_threads) { ms_nsa::nsa_set_num_threads(num_threads); }
+int ms_nsa_get_num_threads() { return ms_nsa::nsa_get_num_threads(); }
+
+}  // extern "C"

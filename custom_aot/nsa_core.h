@@ -1,0 +1,77 @@
+// NSA selected attention: the CPU math core.
+//
+// Plain pointers and sizes only; nothing here knows about MindSpore. The AOT entry layer
+// (nsa_aot.cc) and the standalone sanitizer driver both call these four functions.
+// The math is defined in docs/semantics.md (and ../shared/spec/nsa_semantics.md).
+#ifndef MS_NSA_NSA_CORE_H_
+#define MS_NSA_NSA_CORE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace ms_nsa {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Everything that fixes the problem, except the tensor data. Layout TND throughout:
+//   query [q_tokens, q_heads, qk_head_dim], key [kv_tokens, kv_heads, qk_head_dim],
+//   value [kv_tokens, kv_heads, v_head_dim], topk_indices [q_tokens, kv_heads, select_block_count],
+//   attention_out / grad [q_tokens, q_heads, v_head_dim], softmax_max / softmax_sum [q_tokens, q_heads, 8].
+struct NsaProblem {
+  int64_t q_tokens = 0;      // T1
+  int64_t kv_tokens = 0;     // T2
+  int64_t q_heads = 0;       // N1
+  int64_t kv_heads = 0;      // N2
+  int64_t qk_head_dim = 0;   // D
+  int64_t v_head_dim = 0;    // Dv
+  int64_t batch_count = 0;   // B: entries in each cumulative-length array
+  const int64_t *cu_seqlens_q = nullptr;   // [B], cumulative, last entry == q_tokens
+  const int64_t *cu_seqlens_kv = nullptr;  // [B], cumulative, last entry == kv_tokens
+  int64_t select_block_size = 0;           // beta
+  int64_t select_block_count = 0;          // C
+  float scale_value = 1.0f;
+  bool causal = false;                     // sparse_mode 2: key position p > query position s is masked
+  DType dtype = DType::kFloat32;
+};
+
+// Width of the softmax_max / softmax_sum rows: one value repeated to fill 32 bytes, as CANN stores it.
+constexpr int64_t kSoftmaxStatWidth = 8;
+
+// Status codes shared with ms_nsa/_errors.py (keep the two in step).
+enum Status : int {
+  kOk = 0,
+  kBadProblem = 1,          // sizes or attributes outside what the kernel accepts
+  kBadCumulativeLength = 2, // cu_seqlens decreasing, negative or not ending at the token count
+  kBadKvLength = 3,         // a batch's KV length not a multiple of beta or shorter than beta * C
+  kIndexOutOfRange = 4,     // a topk index outside [0, that batch's KV length / beta)
+  kUnsupportedDType = 5,
+  kInternal = 6,
+};
+
+struct NsaError {
+  Status status = kOk;
+  std::string message;  // what went wrong, naming the argument, the value and what is allowed
+};
+
+// Checks the sizes, the cumulative lengths and every topk index before any tensor data is read.
+NsaError nsa_validate(const NsaProblem &problem, const int32_t *topk_indices);
+
+// Forward. Writes attention_out (problem.dtype) and softmax_max / softmax_sum (float32).
+NsaError nsa_forward(const NsaProblem &problem, const void *query, const void *key, const void *value,
+                     const int32_t *topk_indices, float *softmax_max, float *softmax_sum,
+                     void *attention_out);
+
+// Backward. Writes dq, dk, dv (problem.dtype). dk/dv are accumulated in a fixed order that depends on
+// neither the thread count nor the scheduling, so the result is bitwise reproducible.
+NsaError nsa_backward(const NsaProblem &problem, const void *query, const void *key, const void *value,
+                      const void *attention_out, const void *grad, const float *softmax_max,
+                      const float *softmax_sum, const int32_t *topk_indices, void *dq, void *dk, void *dv);
+
+// Thread count used by the kernels (0 or negative = the OpenMP default). Results do not depend on it.
+void nsa_set_num_threads(int num_threads);
+int nsa_get_num_threads();
+
+}  // namespace ms_nsa
+
+#endif  // MS_NSA_NSA_CORE_H_

@@ -1,0 +1,150 @@
+"""The CPU backend: MindSpore `Custom` ops (func_type="aot") over custom_aot/'s shared library.
+
+One primitive per distinct attribute set, cached, so graph mode sees the same primitive object for
+the same attributes and PyNative does not rebuild ops per call. The forward primitive carries the
+bprop that calls the gradient primitive, so `ms.grad` and friends differentiate through it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import List, Tuple
+
+import mindspore as ms
+from mindspore import ops
+
+from . import _errors
+from .op_def import BACKWARD, FORWARD, OpDef, load_op_def
+
+LIBRARY_NAME = "libms_nsa_cpu.so"
+BACKEND = "cpu"
+
+_MS_DTYPE_NAMES = {
+    ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16", ms.float64: "float64",
+    ms.int32: "int32", ms.int64: "int64", ms.int8: "int8", ms.int16: "int16", ms.uint8: "uint8",
+    ms.bool_: "bool",
+}
+_MS_DTYPES = {name: dtype for dtype, name in _MS_DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype) -> str:
+    """'float16' etc. for a MindSpore dtype or a tensor type (what infer callables receive)."""
+    if isinstance(dtype, ms.TensorType):
+        dtype = dtype.element_type()
+    return _MS_DTYPE_NAMES.get(dtype, str(dtype).lower())
+
+
+def library_path() -> str:
+    path = Path(__file__).resolve().parent / LIBRARY_NAME
+    if not path.is_file():
+        raise ImportError(f"ms_nsa's CPU kernel library {path} is missing: install the package with "
+                          f"`pip install .` (or `pip install -e .`), which compiles custom_aot/")
+    return str(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(library_path())
+    lib.ms_nsa_last_error_message.restype = ctypes.c_char_p
+    lib.ms_nsa_last_error_status.restype = ctypes.c_int
+    lib.ms_nsa_get_num_threads.restype = ctypes.c_int
+    lib.ms_nsa_set_num_threads.argtypes = [ctypes.c_int]
+    return lib
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Threads the CPU kernels use (0 = OpenMP's default, the core count). Results do not depend on it."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
+        raise ValueError(f"set_num_threads: num_threads must be an int >= 0, got {num_threads!r}")
+    _library().ms_nsa_set_num_threads(num_threads)
+
+
+def get_num_threads() -> int:
+    return int(_library().ms_nsa_get_num_threads())
+
+
+def kernel_inputs(op_def: OpDef) -> List[str]:
+    """The CPU kernel's inputs: every tensor and int array of the yaml, in order, but reserved ones."""
+    return [a.name for a in op_def.args
+            if a.kind in ("tensor", "int_array") and not a.rules.get("reserved", False)]
+
+
+class _KernelOp(ops.Custom):
+    """A Custom op whose PyNative calls turn a kernel status into the kernel's own error message.
+
+    Graph mode runs the primitive inside the graph without calling this method; there the message is
+    printed to stderr by the kernel and MindSpore raises a RuntimeError carrying the status number.
+    """
+
+    def __call__(self, *args):
+        lib = _library()
+        lib.ms_nsa_clear_error()
+        try:
+            return super().__call__(*args)
+        except RuntimeError as err:
+            status = lib.ms_nsa_last_error_status()
+            if status == 0:
+                raise
+            message = lib.ms_nsa_last_error_message().decode()
+            raise _errors.kernel_exception(self._nsa_function, status, message) from err
+
+
+def _build(op_def: OpDef, attrs: dict, bprop=None) -> _KernelOp:
+    names = kernel_inputs(op_def)
+
+    # Called by MindSpore with the inputs' shapes and dtypes: in PyNative per call, in graph mode at
+    # compile time, so bad shapes and dtypes fail before the kernel runs, with the yaml's messages.
+    def infer_shape(*shapes):
+        dims = op_def.bind_dims(dict(zip(names, shapes)), attrs, BACKEND)
+        return tuple(op_def.infer_shapes(dims, attrs))
+
+    def infer_dtype(*dtypes):
+        named = {name: dtype_name(d) for name, d in zip(names, dtypes)}
+        op_def.check_dtypes(named, BACKEND)
+        return tuple(_MS_DTYPES[dtype] for dtype in op_def.infer_dtypes(named))
+
+    op = _KernelOp(f"{library_path()}:{op_def.cpu_entry}", out_shape=infer_shape, out_dtype=infer_dtype,
+                   func_type="aot", bprop=bprop)
+    op._nsa_function = op_def.python["function"]
+    for name, value in attrs.items():
+        op.add_prim_attr(name, float(value) if op_def.arg(name).kind == "float" else value)
+    return op
+
+
+def _attrs(op_def: OpDef, scale_value, head_num, sparse_mode, select_block_size, select_block_count):
+    attrs = dict(scale_value=scale_value, head_num=head_num, sparse_mode=sparse_mode,
+                 select_block_size=select_block_size, select_block_count=select_block_count)
+    op_def.check_attrs(attrs, BACKEND)
+    return attrs
+
+
+@functools.lru_cache(maxsize=None)
+def grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count) -> _KernelOp:
+    op_def = load_op_def(BACKWARD)
+    return _build(op_def, _attrs(op_def, scale_value, head_num, sparse_mode, select_block_size,
+                                 select_block_count))
+
+
+@functools.lru_cache(maxsize=None)
+def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count) -> _KernelOp:
+    op_def = load_op_def(FORWARD)
+    attrs = _attrs(op_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    backward = grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+
+    # Gradients flow into query, key and value only; softmax_max/softmax_sum are not differentiated
+    # (their incoming gradients are ignored) and the integer inputs get zeros.
+    def bprop(query, key, value, topk_indices, actual_seq_qlen, actual_seq_kvlen, out, dout):
+        softmax_max, softmax_sum, attention_out = out
+        dq, dk, dv = backward(query, key, value, attention_out, dout[2], softmax_max, softmax_sum,
+                              topk_indices, actual_seq_qlen, actual_seq_kvlen)
+        return (dq, dk, dv, ops.zeros_like(topk_indices), ops.zeros_like(actual_seq_qlen),
+                ops.zeros_like(actual_seq_kvlen))
+
+    return _build(op_def, attrs, bprop=bprop)
+
+
+def output_order(op_def_name: str) -> Tuple[int, ...]:
+    """Positions of the Python return values among the kernel's outputs."""
+    op_def = load_op_def(op_def_name)
+    return tuple(op_def.output_names.index(name) for name in op_def.python["returns"])

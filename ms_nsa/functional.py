@@ -1,0 +1,129 @@
+"""The functional API: `nsa_select_attention` and `nsa_select_attention_grad`.
+
+These bodies run as plain Python in PyNative mode and are compiled by MindSpore in GRAPH_MODE or
+inside `@ms.jit`, so they stay within what the graph compiler parses: helpers that take only Python
+constants (attributes, shapes, dtypes, tuples of lengths) are evaluated at compile time, and the work
+on tensors is a cast and one primitive call.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from . import _cpu_kernels as _kernels
+from .op_def import BACKWARD, FORWARD, load_op_def
+
+
+def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num, select_block_size,
+                         select_block_count, *, atten_mask=None, actual_seq_qlen=None,
+                         actual_seq_kvlen=None, sparse_mode=0):
+    r"""NSA selected attention (the selection branch of Native Sparse Attention), layout TND.
+
+    Each query row attends to `select_block_count` blocks of `select_block_size` keys chosen by
+    `topk_indices` (block numbers relative to the start of the row's batch). The G = N1/N2 query heads
+    of a KV head share one selection. Differentiable with respect to query, key and value.
+
+    Args:
+        query (Tensor): [T1, N1, D], float16 / bfloat16 (float32 too on the CPU).
+        key (Tensor): [T2, N2, D], same dtype as query.
+        value (Tensor): [T2, N2, Dv], same dtype, Dv <= D.
+        topk_indices (Tensor): [T1, N2, select_block_count], int32.
+        scale_value (float): multiplies the scores, usually D ** -0.5.
+        head_num (int): must equal N1.
+        select_block_size (int): keys per selected block, 16..128, a multiple of 16.
+        select_block_count (int): blocks per query row, 1..32.
+        atten_mask (Tensor, optional): reserved, as in CANN: a 2-D bool/uint8 tensor is accepted and
+            its contents ignored. The causal mask comes from `sparse_mode`.
+        actual_seq_qlen, actual_seq_kvlen (tuple/list of int or 1-D int Tensor, optional): cumulative
+            lengths per batch (e.g. per-batch lengths 2, 2, 3 are given as (2, 4, 7)); both or
+            neither. Neither means one batch. Tensors change value without recompiling a graph.
+        sparse_mode (int): 0 = no mask; 2 = causal within each batch (key position > query
+            position masked), applied identically in the forward and the backward.
+
+    Returns:
+        (attention_out [T1, N1, Dv] in query's dtype, softmax_max [T1, N1, 8] float32,
+        softmax_sum [T1, N1, 8] float32). A row that sees no key returns zeros, -inf and 0.
+    """
+    op = _kernels.forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    if atten_mask is not None:
+        _check_mask(atten_mask.shape, atten_mask.dtype, FORWARD)
+    _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, FORWARD)
+    cu_seq_q = _cumulative(actual_seq_qlen, query.shape[0], "actual_seq_qlen", FORWARD)
+    cu_seq_kv = _cumulative(actual_seq_kvlen, key.shape[0], "actual_seq_kvlen", FORWARD)
+    softmax_max, softmax_sum, attention_out = op(query, key, value, topk_indices, cu_seq_q, cu_seq_kv)
+    return attention_out, softmax_max, softmax_sum
+
+
+def nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_max, softmax_sum,
+                              topk_indices, scale_value, head_num, select_block_size, select_block_count,
+                              *, atten_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None,
+                              sparse_mode=0):
+    r"""Gradient of :func:`nsa_select_attention`: returns (dq, dk, dv) in query's dtype.
+
+    `grad` is the gradient of the loss with respect to `attention_out`; `attention_out`,
+    `softmax_max` and `softmax_sum` are the forward's outputs for the same inputs. Other arguments as
+    in :func:`nsa_select_attention`, with the same mask. dk and dv are bitwise reproducible.
+    """
+    op = _kernels.grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    if atten_mask is not None:
+        _check_mask(atten_mask.shape, atten_mask.dtype, BACKWARD)
+    _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, BACKWARD)
+    cu_seq_q = _cumulative(actual_seq_qlen, query.shape[0], "actual_seq_qlen", BACKWARD)
+    cu_seq_kv = _cumulative(actual_seq_kvlen, key.shape[0], "actual_seq_kvlen", BACKWARD)
+    return op(query, key, value, attention_out, grad, softmax_max, softmax_sum, topk_indices, cu_seq_q,
+              cu_seq_kv)
+
+
+def _cumulative(lengths, total, name, op_name):
+    """Cumulative lengths as the 1-D int64 tensor the kernels read."""
+    if isinstance(lengths, Tensor):
+        _check_length_tensor(lengths.dtype, lengths.ndim, name, op_name)
+        return ops.cast(lengths, ms.int64)
+    return _constant_cumulative(lengths, total, name, op_name)
+
+
+def _function_name(op_name):
+    return load_op_def(op_name).python["function"]
+
+
+def _check_length_tensor(dtype, ndim, name, op_name):
+    if dtype not in (ms.int32, ms.int64) or ndim != 1:
+        raise TypeError(f"{_function_name(op_name)}: {name} must be a 1-D int32/int64 Tensor, a tuple or a "
+                        f"list of ints, got a {ndim}-D Tensor of {dtype}")
+
+
+def _constant_cumulative(lengths, total, name, op_name):
+    """Checks Python-side lengths at once (compile time in graph mode) and makes them a constant."""
+    if lengths is None:
+        return Tensor(np.array([total], dtype=np.int64))
+    if not isinstance(lengths, (tuple, list)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in lengths):
+        raise TypeError(f"{_function_name(op_name)}: {name} must be a tuple or list of ints or a 1-D int "
+                        f"Tensor, got {lengths!r}")
+    values = [int(v) for v in lengths]
+    previous = 0
+    for i, v in enumerate(values):
+        if v < previous:
+            raise ValueError(f"{_function_name(op_name)}: {name}[{i}] = {v} is smaller than the entry "
+                             f"before it ({previous}); {name} holds cumulative lengths, which never "
+                             f"decrease: per-batch lengths 2, 2, 3 are passed as (2, 4, 7)")
+        previous = v
+    if not values or values[-1] != total:
+        raise ValueError(f"{_function_name(op_name)}: {name} = {tuple(values)} must end at the token count "
+                         f"{total} (the first dimension of the tensor it describes)")
+    return Tensor(np.array(values, dtype=np.int64))
+
+
+def _check_lengths_paired(q_missing, kv_missing, op_name):
+    if q_missing != kv_missing:
+        given, missing = ("actual_seq_kvlen", "actual_seq_qlen") if q_missing else \
+            ("actual_seq_qlen", "actual_seq_kvlen")
+        raise ValueError(f"{_function_name(op_name)}: {given} was given but {missing} is None; pass both "
+                         f"(packed batches) or neither (one batch)")
+
+
+def _check_mask(shape, dtype, op_name):
+    op_def = load_op_def(op_name)
+    op_def.bind_dims({"atten_mask": shape}, {}, _kernels.BACKEND)
+    op_def.check_dtypes({"atten_mask": _kernels.dtype_name(dtype)}, _kernels.BACKEND)

@@ -1,0 +1,54 @@
+"""`nn.Cell` face of the op: `ms_nsa.nn.NsaSelectAttention`."""
+from __future__ import annotations
+
+from mindspore import nn
+
+from . import _cpu_kernels as _kernels
+from .functional import nsa_select_attention
+from .op_def import FORWARD, load_op_def
+
+
+class NsaSelectAttention(nn.Cell):
+    r"""NSA selected attention as a Cell: returns attention_out [T1, N1, Dv].
+
+    Args:
+        head_num (int): N1, the number of query heads.
+        select_block_size (int): keys per selected block (16..128, a multiple of 16).
+        select_block_count (int): selected blocks per query row (1..32).
+        scale_value (float, optional): score scale; None means D ** -0.5 with D the query head dim.
+        sparse_mode (int): 0 (no mask) or 2 (causal within each batch).
+
+    Inputs:
+        query [T1, N1, D], key [T2, N2, D], value [T2, N2, Dv], topk_indices [T1, N2, C] int32, and
+        optionally actual_seq_qlen / actual_seq_kvlen (cumulative lengths, tuple or 1-D int Tensor).
+
+    Gradients reach query, key and value through the op's registered bprop (the gradient kernel).
+    """
+
+    def __init__(self, head_num, select_block_size, select_block_count, scale_value=None, sparse_mode=0):
+        super().__init__()
+        attrs = dict(head_num=head_num, select_block_size=select_block_size,
+                     select_block_count=select_block_count, sparse_mode=sparse_mode)
+        if scale_value is not None:
+            attrs["scale_value"] = scale_value
+        load_op_def(FORWARD).check_attrs(attrs, _kernels.BACKEND)
+        self.head_num = head_num
+        self.select_block_size = select_block_size
+        self.select_block_count = select_block_count
+        self.scale_value = None if scale_value is None else float(scale_value)
+        self.sparse_mode = sparse_mode
+
+    def construct(self, query, key, value, topk_indices, actual_seq_qlen=None, actual_seq_kvlen=None):
+        scale_value = self.scale_value
+        if scale_value is None:
+            scale_value = query.shape[-1] ** -0.5
+        attention_out, _, _ = nsa_select_attention(
+            query, key, value, topk_indices, scale_value, self.head_num, self.select_block_size,
+            self.select_block_count, actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+            sparse_mode=self.sparse_mode)
+        return attention_out
+
+    def extend_repr(self):
+        return (f"head_num={self.head_num}, select_block_size={self.select_block_size}, "
+                f"select_block_count={self.select_block_count}, scale_value={self.scale_value}, "
+                f"sparse_mode={self.sparse_mode}")

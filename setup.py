@@ -1,0 +1,50 @@
+"""ms_nsa: NSA selected attention for MindSpore.
+
+`pip install .` compiles the CPU kernels in custom_aot/ into ms_nsa/lib/libms_nsa_cpu.so, the shared
+library the MindSpore `Custom` ops (func_type="aot") load; nothing is compiled at import time.
+"""
+import os
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+KERNEL_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_gemm.cc", "custom_aot/nsa_aot.cc"]
+KERNEL_FLAGS = [
+    "-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra",
+    # MindSpore passes std::string across the AOT boundary with the old libstdc++ ABI.
+    "-D_GLIBCXX_USE_CXX11_ABI=0",
+]
+
+
+class BuildKernelLibrary(build_ext):
+    """Builds the kernels as a plain shared library (no Python module init), named for ctypes/AOT."""
+
+    def get_ext_filename(self, ext_name):
+        return os.path.join(*ext_name.split(".")) + ".so"
+
+    def get_export_symbols(self, ext):
+        return []
+
+
+setup(
+    name="ms_nsa",
+    version="0.1.0",
+    description="NSA selected attention (aclnnNsaSelectedAttention and its gradient) for MindSpore",
+    packages=["ms_nsa", "ms_nsa.ops_yaml"],
+    package_dir={"ms_nsa": "ms_nsa", "ms_nsa.ops_yaml": "ops_yaml"},
+    package_data={"ms_nsa.ops_yaml": ["*.yaml"]},
+    include_package_data=True,
+    ext_modules=[
+        Extension(
+            "ms_nsa.libms_nsa_cpu",
+            sources=KERNEL_SOURCES,
+            include_dirs=["custom_aot"],
+            extra_compile_args=KERNEL_FLAGS,
+            extra_link_args=["-fopenmp"],
+            language="c++",
+        )
+    ],
+    cmdclass={"build_ext": BuildKernelLibrary},
+    python_requires=">=3.9",
+    install_requires=["numpy<2", "pyyaml"],
+)
