@@ -81,7 +81,11 @@ class _KernelOp(ops.Custom):
         lib = _library()
         lib.ms_nsa_clear_error()
         try:
-            return super().__call__(*args)
+            outputs = super().__call__(*args)
+            # PyNative launches kernels asynchronously; wait so a kernel error is raised here, at the
+            # call that caused it, rather than at some later asnumpy().
+            ms.runtime.synchronize()
+            return outputs
         except RuntimeError as err:
             status = lib.ms_nsa_last_error_status()
             if status == 0:
