@@ -13,6 +13,7 @@ from typing import List, Tuple
 
 import mindspore as ms
 from mindspore import ops
+from mindspore.common.api import _pynative_executor
 
 from . import _errors
 from .op_def import BACKWARD, FORWARD, OpDef, load_op_def
@@ -84,7 +85,7 @@ class _KernelOp(ops.Custom):
             outputs = super().__call__(*args)
             # PyNative launches kernels asynchronously; wait so a kernel error is raised here, at the
             # call that caused it, rather than at some later asnumpy().
-            ms.runtime.synchronize()
+            _pynative_executor.sync()
             return outputs
         except RuntimeError as err:
             status = lib.ms_nsa_last_error_status()
