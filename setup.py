@@ -3,12 +3,14 @@
 `pip install .` compiles the CPU kernels in custom_aot/ into ms_nsa/lib/libms_nsa_cpu.so, the shared
 library the MindSpore `Custom` ops (func_type="aot") load; nothing is compiled at import time.
 """
+import glob
 import os
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_gemm.cc", "custom_aot/nsa_aot.cc"]
+KERNEL_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc", "custom_aot/nsa_gemm.cc",
+                  "custom_aot/nsa_aot.cc"]
 KERNEL_FLAGS = [
     "-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra",
     # MindSpore passes std::string across the AOT boundary with the old libstdc++ ABI.
@@ -39,6 +41,7 @@ setup(
             "ms_nsa.libms_nsa_cpu",
             sources=KERNEL_SOURCES,
             include_dirs=["custom_aot"],
+            depends=sorted(glob.glob("custom_aot/*.h")),
             extra_compile_args=KERNEL_FLAGS,
             extra_link_args=["-fopenmp"],
             language="c++",

@@ -16,11 +16,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <sstream>
 #include <vector>
 
-#include "nsa_gemm.h"
 #include "nsa_dtype.h"
+#include "nsa_gemm.h"
+#include "nsa_geometry.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,29 +41,6 @@ int active_threads() {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Where one query row sits: its batch's first KV row and its batch-local position.
-struct QueryRow {
-  int64_t batch;
-  int64_t kv_begin;   // global row of the batch's first key
-  int64_t position;   // s = t - q_begin
-};
-
-QueryRow locate_query_row(const NsaProblem &p, int64_t t) {
-  // First batch whose cumulative end exceeds t; zero-length batches are stepped over naturally.
-  const int64_t *end = p.cu_seqlens_q + p.batch_count;
-  const int64_t b = std::upper_bound(p.cu_seqlens_q, end, t) - p.cu_seqlens_q;
-  const int64_t q_begin = b == 0 ? 0 : p.cu_seqlens_q[b - 1];
-  const int64_t kv_begin = b == 0 ? 0 : p.cu_seqlens_kv[b - 1];
-  return {b, kv_begin, t - q_begin};
-}
-
-// The one place the mask lives, shared by forward and backward: how many leading rows of the
-// selected block starting at batch-local key position `block_start` a query at `position` may see.
-int64_t visible_rows(const NsaProblem &p, int64_t position, int64_t block_start) {
-  if (!p.causal) return p.select_block_size;
-  return std::clamp<int64_t>(position - block_start + 1, 0, p.select_block_size);
-}
-
 // Gathers `rows` consecutive key (or value) rows of KV head n, starting at global row `first_row`,
 // into a dense float32 tile [rows, dim].
 void gather_tile(const NsaProblem &p, const void *src, int64_t dim, int64_t first_row, int64_t n,
@@ -77,92 +54,10 @@ void gather_tile(const NsaProblem &p, const void *src, int64_t dim, int64_t firs
 // NaN-propagating running max (matches numpy's max over a row that holds a NaN).
 inline float nan_max(float running, float x) { return (x > running || x != x) ? x : running; }
 
-std::string describe_problem_error(const NsaProblem &p) {
-  std::ostringstream msg;
-  if (p.q_tokens < 0 || p.kv_tokens < 0) {
-    msg << "token counts must be non-negative, got T1=" << p.q_tokens << ", T2=" << p.kv_tokens;
-  } else if (p.q_heads < 1 || p.kv_heads < 1 || p.q_heads % p.kv_heads != 0) {
-    msg << "head counts must be positive with N1 a multiple of N2, got N1=" << p.q_heads
-        << ", N2=" << p.kv_heads;
-  } else if (p.qk_head_dim < 1 || p.v_head_dim < 1) {
-    msg << "head dims must be positive, got D=" << p.qk_head_dim << ", Dv=" << p.v_head_dim;
-  } else if (p.select_block_size < 1 || p.select_block_count < 1) {
-    msg << "select_block_size and select_block_count must be positive, got " << p.select_block_size
-        << " and " << p.select_block_count;
-  } else if (p.batch_count < 1 || p.cu_seqlens_q == nullptr || p.cu_seqlens_kv == nullptr) {
-    msg << "actual_seq_qlen and actual_seq_kvlen must hold at least one entry, got " << p.batch_count;
-  }
-  return msg.str();
-}
-
-NsaError check_cumulative(const char *name, const int64_t *cu, int64_t count, int64_t total,
-                          const char *total_name) {
-  int64_t previous = 0;
-  for (int64_t b = 0; b < count; ++b) {
-    if (cu[b] < previous) {
-      std::ostringstream msg;
-      msg << name << "[" << b << "] = " << cu[b] << " is smaller than the entry before it (" << previous
-          << "); cumulative lengths must be non-decreasing and start at 0 or more";
-      return {kBadCumulativeLength, msg.str()};
-    }
-    previous = cu[b];
-  }
-  if (previous != total) {
-    std::ostringstream msg;
-    msg << name << "[-1] = " << previous << " must equal " << total_name << " = " << total
-        << " (lengths are cumulative: the last entry is the total token count)";
-    return {kBadCumulativeLength, msg.str()};
-  }
-  return {};
-}
-
 }  // namespace
 
 void nsa_set_num_threads(int num_threads) { g_num_threads = num_threads; }
 int nsa_get_num_threads() { return active_threads(); }
-
-NsaError nsa_validate(const NsaProblem &p, const int32_t *topk_indices) {
-  const std::string problem_error = describe_problem_error(p);
-  if (!problem_error.empty()) return {kBadProblem, problem_error};
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
-    return {kUnsupportedDType, "query dtype must be float32, float16 or bfloat16"};
-  }
-  NsaError err = check_cumulative("actual_seq_qlen", p.cu_seqlens_q, p.batch_count, p.q_tokens, "T1");
-  if (err.status != kOk) return err;
-  err = check_cumulative("actual_seq_kvlen", p.cu_seqlens_kv, p.batch_count, p.kv_tokens, "T2");
-  if (err.status != kOk) return err;
-
-  const int64_t beta = p.select_block_size, count = p.select_block_count;
-  for (int64_t b = 0; b < p.batch_count; ++b) {
-    const int64_t q_len = p.cu_seqlens_q[b] - (b == 0 ? 0 : p.cu_seqlens_q[b - 1]);
-    const int64_t kv_len = p.cu_seqlens_kv[b] - (b == 0 ? 0 : p.cu_seqlens_kv[b - 1]);
-    if (q_len == 0) continue;  // a batch without queries reads nothing
-    if (kv_len % beta != 0 || kv_len < beta * count) {
-      std::ostringstream msg;
-      msg << "batch " << b << " has KV length " << kv_len << " (from actual_seq_kvlen); it must be a "
-          << "multiple of select_block_size = " << beta << " and at least select_block_size * "
-          << "select_block_count = " << beta * count;
-      return {kBadKvLength, msg.str()};
-    }
-  }
-  for (int64_t t = 0; t < p.q_tokens; ++t) {
-    const QueryRow row = locate_query_row(p, t);
-    const int64_t kv_end = p.cu_seqlens_kv[row.batch];
-    const int64_t block_limit = (kv_end - row.kv_begin) / beta;
-    const int32_t *idx = topk_indices + t * p.kv_heads * count;
-    for (int64_t j = 0; j < p.kv_heads * count; ++j) {
-      if (idx[j] < 0 || idx[j] >= block_limit) {
-        std::ostringstream msg;
-        msg << "topk_indices[" << t << ", " << j / count << ", " << j % count << "] = " << idx[j]
-            << " is out of range: query row " << t << " is in batch " << row.batch << " whose KV length "
-            << "is " << kv_end - row.kv_begin << ", so block indices must lie in [0, " << block_limit
-            << ") for select_block_size = " << beta;
-        return {kIndexOutOfRange, msg.str()};
-      }
-    }
-  }
-  return {};
-}
 
 NsaError nsa_forward(const NsaProblem &p, const void *query, const void *key, const void *value,
                      const int32_t *topk_indices, float *softmax_max, float *softmax_sum,
