@@ -10,7 +10,7 @@
 // Attributes (read once per shape in the *Init functions): scale_value, head_num, sparse_mode,
 // select_block_size, select_block_count.
 #include <cstring>
-#include <cstdio>
+#include <stdexcept>
 #include <mutex>
 #include <string>
 
@@ -37,17 +37,22 @@ std::mutex g_error_mutex;
 std::string g_last_error;
 int g_last_status = 0;
 
-int report(const NsaError &err) {
+// Records the error for ms_nsa's Python layer (which re-raises it as ValueError/TypeError in PyNative)
+// and throws it: MindSpore catches exceptions from AOT kernels and raises a RuntimeError carrying
+// what() in both PyNative and graph mode, so the message reaches the user either way. A bare non-zero
+// return would surface only as "return value 4".
+int report(const char *function, const NsaError &err) {
   if (err.status == ms_nsa::kOk) return 0;
   {
     std::lock_guard<std::mutex> lock(g_error_mutex);
     g_last_error = err.message;
     g_last_status = err.status;
   }
-  // Graph mode surfaces only the status number, so the message also goes to stderr.
-  std::fprintf(stderr, "[ms_nsa] error %d: %s\n", static_cast<int>(err.status), err.message.c_str());
-  return static_cast<int>(err.status);
+  throw std::invalid_argument(std::string(function) + ": " + err.message);
 }
+
+constexpr const char *kForwardName = "nsa_select_attention";
+constexpr const char *kBackwardName = "nsa_select_attention_grad";
 
 bool parse_dtype(const char *name, DType *dtype) {
   if (std::strcmp(name, "float32") == 0) *dtype = DType::kFloat32;
@@ -131,8 +136,8 @@ int NsaSelectAttention(int nparam, void **params, int *ndims, int64_t **shapes, 
   constexpr Layout at{0, 1, 2, 3, 4, 5};
   NsaProblem p;
   NsaError err = build_problem(at, nparam, ndims, shapes, dtypes, params, extra, &p);
-  if (err.status != ms_nsa::kOk) return report(err);
-  return report(ms_nsa::nsa_forward(p, params[0], params[1], params[2],
+  if (err.status != ms_nsa::kOk) return report(kForwardName, err);
+  return report(kForwardName, ms_nsa::nsa_forward(p, params[0], params[1], params[2],
                                     static_cast<const int32_t *>(params[3]),
                                     static_cast<float *>(params[6]), static_cast<float *>(params[7]),
                                     params[8]));
@@ -147,16 +152,16 @@ int NsaSelectAttentionGrad(int nparam, void **params, int *ndims, int64_t **shap
   constexpr Layout at{0, 1, 2, 7, 8, 9};
   NsaProblem p;
   NsaError err = build_problem(at, nparam, ndims, shapes, dtypes, params, extra, &p);
-  if (err.status != ms_nsa::kOk) return report(err);
+  if (err.status != ms_nsa::kOk) return report(kBackwardName, err);
   const int64_t out_shape[3] = {p.q_tokens, p.q_heads, p.v_head_dim};
   const int64_t stat_shape[3] = {p.q_tokens, p.q_heads, ms_nsa::kSoftmaxStatWidth};
   if (nparam < 13 || !has_shape(ndims[3], shapes[3], out_shape) ||
       !has_shape(ndims[4], shapes[4], out_shape) || !has_shape(ndims[5], shapes[5], stat_shape) ||
       !has_shape(ndims[6], shapes[6], stat_shape)) {
-    return report({ms_nsa::kBadProblem, "attention_out and grad must be [T1, N1, Dv] and softmax_max, "
-                                        "softmax_sum [T1, N1, 8]"});
+    return report(kBackwardName, {ms_nsa::kBadProblem, "attention_out and grad must be [T1, N1, Dv] and "
+                                                      "softmax_max, softmax_sum [T1, N1, 8]"});
   }
-  return report(ms_nsa::nsa_backward(p, params[0], params[1], params[2], params[3], params[4],
+  return report(kBackwardName, ms_nsa::nsa_backward(p, params[0], params[1], params[2], params[3], params[4],
                                      static_cast<const float *>(params[5]),
                                      static_cast<const float *>(params[6]),
                                      static_cast<const int32_t *>(params[7]), params[10], params[11],
