@@ -118,24 +118,29 @@ def _build(op_def: OpDef, attrs: dict, bprop=None) -> _KernelOp:
 
 
 def _attrs(op_def: OpDef, scale_value, head_num, sparse_mode, select_block_size, select_block_count):
-    attrs = dict(scale_value=scale_value, head_num=head_num, sparse_mode=sparse_mode,
-                 select_block_size=select_block_size, select_block_count=select_block_count)
-    op_def.check_attrs(attrs, BACKEND)
-    return attrs
+    return op_def.check_attrs(dict(scale_value=scale_value, head_num=head_num, sparse_mode=sparse_mode,
+                                   select_block_size=select_block_size,
+                                   select_block_count=select_block_count), BACKEND)
 
 
-@functools.lru_cache(maxsize=None)
+# The factories are lru_cache objects on purpose: in graph mode MindSpore runs such opaque callables at
+# compile time (their arguments are constants) instead of parsing them into the graph. typed=True keeps
+# 1 and True (or 2 and np.int64(2)) apart so each is checked on its own.
+@functools.lru_cache(maxsize=None, typed=True)
 def grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count) -> _KernelOp:
+    """The gradient primitive for these attributes (checked against the yaml and normalised)."""
     op_def = load_op_def(BACKWARD)
     return _build(op_def, _attrs(op_def, scale_value, head_num, sparse_mode, select_block_size,
                                  select_block_count))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None, typed=True)
 def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count) -> _KernelOp:
+    """The forward primitive, with its bprop, for these attributes (checked against the yaml)."""
     op_def = load_op_def(FORWARD)
     attrs = _attrs(op_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
-    backward = grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    backward = grad_op(*(attrs[name] for name in ("scale_value", "head_num", "sparse_mode",
+                                                  "select_block_size", "select_block_count")))
 
     # Gradients flow into query, key and value only; softmax_max/softmax_sum are not differentiated
     # (their incoming gradients are ignored) and the integer inputs get zeros.

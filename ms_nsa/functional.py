@@ -3,9 +3,12 @@
 These bodies run as plain Python in PyNative mode and are compiled by MindSpore in GRAPH_MODE or
 inside `@ms.jit`, so they stay within what the graph compiler parses: helpers that take only Python
 constants (attributes, shapes, dtypes, tuples of lengths) are evaluated at compile time, and the work
-on tensors is a cast and one primitive call.
+on tensors is a cast and one primitive call. Helpers that do real Python work are lru_cache objects (or
+take only constants), which the graph compiler runs instead of parsing.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import mindspore as ms
@@ -45,6 +48,7 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
         (attention_out [T1, N1, Dv] in query's dtype, softmax_max [T1, N1, 8] float32,
         softmax_sum [T1, N1, 8] float32). A row that sees no key returns zeros, -inf and 0.
     """
+    _expect_tensors(FORWARD, query, key, value, topk_indices)
     op = _kernels.forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
     if atten_mask is not None:
         _check_mask(atten_mask.shape, atten_mask.dtype, FORWARD)
@@ -65,6 +69,7 @@ def nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_ma
     `softmax_max` and `softmax_sum` are the forward's outputs for the same inputs. Other arguments as
     in :func:`nsa_select_attention`, with the same mask. dk and dv are bitwise reproducible.
     """
+    _expect_tensors(BACKWARD, grad, query, key, value, attention_out, softmax_max, softmax_sum, topk_indices)
     op = _kernels.grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
     if atten_mask is not None:
         _check_mask(atten_mask.shape, atten_mask.dtype, BACKWARD)
@@ -75,6 +80,14 @@ def nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_ma
               cu_seq_kv)
 
 
+def _expect_tensors(op_name, *tensors):
+    """TypeError for a positional tensor argument that is not a Tensor (a constant check in graph mode)."""
+    for name, value in zip(_tensor_names(op_name), tensors):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{_function_name(op_name)}: {name} must be a mindspore Tensor, got "
+                            f"{type(value).__name__}")
+
+
 def _cumulative(lengths, total, name, op_name):
     """Cumulative lengths as the 1-D int64 tensor the kernels read."""
     if isinstance(lengths, Tensor):
@@ -83,8 +96,14 @@ def _cumulative(lengths, total, name, op_name):
     return _constant_cumulative(lengths, total, name, op_name)
 
 
+@functools.lru_cache(maxsize=None)
 def _function_name(op_name):
     return load_op_def(op_name).python["function"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_names(op_name):
+    return tuple(load_op_def(op_name).python_tensor_args())
 
 
 def _check_length_tensor(dtype, ndim, name, op_name):
@@ -97,6 +116,8 @@ def _constant_cumulative(lengths, total, name, op_name):
     """Checks Python-side lengths at once (compile time in graph mode) and makes them a constant."""
     if lengths is None:
         return Tensor(np.array([total], dtype=np.int64))
+    if isinstance(lengths, np.ndarray) and lengths.ndim == 1:
+        lengths = lengths.tolist()
     if not isinstance(lengths, (tuple, list)) or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in lengths):
         raise TypeError(f"{_function_name(op_name)}: {name} must be a tuple or list of ints or a 1-D int "

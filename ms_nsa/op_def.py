@@ -8,6 +8,8 @@ and infers the outputs' shapes and dtypes.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -116,22 +118,28 @@ class OpDef:
     def _error(self, exc_type, message: str):
         return exc_type(f"{self.python['function']}: {message}")
 
-    def check_attrs(self, values: Mapping[str, Any], backend: str) -> None:
-        """Type and range checks of the scalar arguments (aclnn order, so the first bad one is named)."""
+    def check_attrs(self, values: Mapping[str, Any], backend: str) -> Dict[str, Any]:
+        """Type and range checks of the scalar arguments, in aclnn order (so the first bad one is named).
+
+        Returns the values normalised to Python int / float / str (NumPy scalars are accepted).
+        """
+        normalised = dict(values)
         for arg in self.attr_args:
             if arg.name not in values:
                 continue
             value = values[arg.name]
             rules = arg.resolved(backend)
             if arg.kind == "int":
-                if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                     raise self._error(TypeError, f"{arg.name} must be an int, got {value!r} "
                                                  f"({type(value).__name__})")
+                value = int(value)
             elif arg.kind == "float":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
                     raise self._error(TypeError, f"{arg.name} must be a float, got {value!r} "
                                                  f"({type(value).__name__})")
-                if value != value or value in (float("inf"), float("-inf")):
+                value = float(value)
+                if not math.isfinite(value):
                     raise self._error(ValueError, f"{arg.name} must be finite, got {value!r}")
             elif arg.kind == "str":
                 if not isinstance(value, str):
@@ -139,6 +147,13 @@ class OpDef:
             if not _check_value(rules, value):
                 raise self._error(ValueError, f"{arg.name} = {value!r} is not allowed: it must be "
                                               f"{_describe_rules(rules)}")
+            normalised[arg.name] = value
+        return normalised
+
+    def python_tensor_args(self) -> List[str]:
+        """The tensor arguments of the Python function, in its positional order."""
+        return [name for name in self.python["positional"]
+                if name == "grad" or self.arg(name).kind == "tensor"]
 
     def bind_dims(self, shapes: Mapping[str, Optional[Sequence[int]]], attrs: Mapping[str, Any],
                   backend: str) -> Dict[str, int]:
