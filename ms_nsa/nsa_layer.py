@@ -1,0 +1,255 @@
+"""`NativeSparseAttention`: the full NSA attention layer (compressed + selected + sliding window).
+
+Native Sparse Attention (Yuan et al., 2025) runs three attention branches over the same queries and
+mixes them with learned per-head gates:
+
+- compressed: every query attends to one summary key/value per block of `select_block_size` past
+  tokens (a learned map of the block's keys / values);
+- selected: every query attends, token by token, to `select_block_count` whole blocks picked by the
+  compressed branch's attention probabilities (summed over the query heads of a KV group, so the
+  group shares one selection, as the op requires); the first block of the sequence and the block
+  holding the query itself are always picked;
+- sliding window: every query attends to its last `window_size` tokens.
+
+The selected branch is ms_nsa's `NsaSelectAttention` op (sparse_mode=2, causal); the rest is stock
+MindSpore ops, so the layer runs in PyNative and GRAPH_MODE and trains with autodiff.
+
+Input is a packed batch of sequences in one [T, hidden] tensor with cumulative sequence lengths
+(TND-style varlen). The op's contract carries over: every sequence length must be a multiple of
+`select_block_size` and at least `select_block_size * select_block_count` (see docs/training.md).
+
+Design choice: compression blocks are the selection blocks (the paper's l = d = l' case), so the
+compressed branch's probability of a block *is* that block's selection score, with no remapping.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from .nn import NsaSelectAttention
+
+BRANCHES = ("compressed", "selected", "window")
+
+# Masked scores are set to this finite value (not -inf) so that a row with nothing visible -- the
+# first block of every sequence sees no complete compressed block -- gives a finite softmax, which
+# the visibility mask then zeroes; -inf would turn it into NaN in the forward and the gradient.
+_MASKED_SCORE = -1e9
+# Selection ranks blocks by compressed-attention probability (in [0, G]); forced blocks rank above
+# every probability, blocks of other sequences below everything. Blocks of the query's own sequence
+# that lie in its future rank between the two: they are only picked when the query has fewer than
+# `select_block_count` past blocks, and then the op's causal mask (sparse_mode=2) hides them.
+_FORCED_RANK, _FUTURE_RANK, _OTHER_SEQUENCE_RANK = 1e4, -1.0, -1e4
+
+
+class NativeSparseAttention(nn.Cell):
+    r"""NSA attention layer over a packed batch of sequences: [T, hidden_size] -> [T, hidden_size].
+
+    Args:
+        hidden_size (int): model width (input and output features).
+        head_num (int): N1, query heads.
+        kv_head_num (int): N2, key/value heads; head_num must be a multiple (G = N1 / N2 <= 32).
+        head_dim (int): D, query/key head size.
+        select_block_size (int): β, tokens per block (compression and selection), 16..128, multiple of 16.
+        select_block_count (int): C, blocks each query attends to in the selected branch, 1..32.
+        window_size (int): w, tokens each query sees in the sliding-window branch (itself included).
+        value_head_dim (int, optional): Dv <= D; default D.
+        branches (tuple of str): the branches to run, a subset of ("compressed", "selected",
+            "window"); default all three. ("window",) is a sliding-window-only baseline. The selected
+            branch needs the compressed one (its block scores).
+        init_std (float): standard deviation of the normal weight initialisation.
+
+    Inputs:
+        x (Tensor): [T, hidden_size] float32 (the CPU backend has no bfloat16 matmul), T a multiple
+            of select_block_size.
+        actual_seq_len (Tensor, optional): 1-D int32/int64 cumulative sequence lengths, last = T
+            (e.g. lengths 256, 512 -> [256, 768]); None means one sequence. Being a Tensor, its values
+            may change from step to step without recompiling a graph.
+
+    Outputs:
+        Tensor [T, hidden_size].
+    """
+
+    def __init__(self, hidden_size, head_num, kv_head_num, head_dim, select_block_size=64,
+                 select_block_count=16, window_size=512, value_head_dim=None, branches=BRANCHES,
+                 init_std=0.02):
+        super().__init__()
+        unknown = [b for b in branches if b not in BRANCHES]
+        if unknown or not branches or len(set(branches)) != len(tuple(branches)):
+            raise ValueError(f"NativeSparseAttention: branches must be distinct names from {BRANCHES}, "
+                             f"got {branches!r}")
+        if "selected" in branches and "compressed" not in branches:
+            raise ValueError("NativeSparseAttention: the selected branch ranks blocks by the compressed "
+                             "branch's attention; add 'compressed' to branches")
+        if head_num % kv_head_num:
+            raise ValueError(f"NativeSparseAttention: head_num ({head_num}) must be a multiple of "
+                             f"kv_head_num ({kv_head_num})")
+        if window_size < 1:
+            raise ValueError(f"NativeSparseAttention: window_size must be >= 1, got {window_size}")
+        branches = tuple(b for b in BRANCHES if b in branches)   # canonical order: selection needs compressed first
+        value_head_dim = head_dim if value_head_dim is None else value_head_dim
+        self.hidden_size, self.head_num, self.kv_head_num = hidden_size, head_num, kv_head_num
+        self.group = head_num // kv_head_num
+        self.head_dim, self.value_head_dim = head_dim, value_head_dim
+        self.block, self.block_count, self.window_size = select_block_size, select_block_count, window_size
+        self.branches = branches
+        self.use_compressed = "compressed" in branches
+        self.use_selected = "selected" in branches
+        self.use_window = "window" in branches
+        self.scale = head_dim ** -0.5
+
+        def weight(name, *shape):
+            return Parameter(initializer(Normal(init_std), shape, ms.float32), name=name)
+
+        # One query projection shared by the branches; each branch has its own keys and values
+        # (the paper's choice: it stops one branch's gradients from shaping another's keys).
+        self.w_q = weight("w_q", hidden_size, head_num * head_dim)
+        kv_width = kv_head_num * (head_dim + value_head_dim)
+        self.w_kv = weight("w_kv", hidden_size, len(branches) * kv_width)
+        if self.use_compressed:
+            # Block summary phi: a learned linear map of the block's flattened keys (values); being
+            # position-specific it plays the role of the paper's intra-block position encoding.
+            self.w_compress_k = weight("w_compress_k", select_block_size * head_dim, head_dim)
+            self.w_compress_v = weight("w_compress_v", select_block_size * value_head_dim, value_head_dim)
+        if self.use_selected:
+            # Validates the attributes against the op's contract at construction time.
+            self.selected_attention = NsaSelectAttention(head_num, select_block_size, select_block_count,
+                                                         scale_value=self.scale, sparse_mode=2)
+        self.w_gate = weight("w_gate", hidden_size, head_num * len(branches))
+        self.b_gate = Parameter(Tensor(np.zeros(head_num * len(branches), np.float32)), name="b_gate")
+        self.w_o = weight("w_o", head_num * value_head_dim, hidden_size)
+
+    def construct(self, x, actual_seq_len=None):
+        tokens = x.shape[0]
+        seq = _sequence_geometry(tokens, actual_seq_len, self.block)
+        q = ops.matmul(x, self.w_q).reshape(tokens, self.kv_head_num, self.group, self.head_dim)
+        kv = ops.matmul(x, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
+                                              self.head_dim + self.value_head_dim)
+        gates = ops.sigmoid(ops.matmul(x, self.w_gate) + self.b_gate).reshape(
+            tokens, self.kv_head_num, self.group, len(self.branches), 1)
+
+        # Branch outputs [T, N2, G, Dv] in the order of self.branches (the slots of kv and gates).
+        branch_outs = ()
+        if self.use_compressed:
+            compressed_out, block_probs = self.compressed(q, *self._kv_slot(kv, 0), seq)
+            branch_outs += (compressed_out,)
+            if self.use_selected:
+                topk_indices = self.select_blocks(block_probs, seq)
+                branch_outs += (self.selected(q, *self._kv_slot(kv, 1), topk_indices, seq),)
+        if self.use_window:
+            branch_outs += (self.window(q, *self._kv_slot(kv, len(self.branches) - 1), seq),)
+        out = gates[:, :, :, 0] * branch_outs[0]
+        for slot in range(1, len(self.branches)):
+            out = out + gates[:, :, :, slot] * branch_outs[slot]
+        return ops.matmul(out.reshape(tokens, self.head_num * self.value_head_dim), self.w_o)
+
+    def _kv_slot(self, kv, slot):
+        """The keys [T, N2, D] and values [T, N2, Dv] of the branch in `slot`."""
+        return kv[:, slot, :, :self.head_dim], kv[:, slot, :, self.head_dim:]
+
+    def compressed(self, q, key, value, seq):
+        """Attention over block summaries; returns the output [T, N2, G, Dv] and the attention
+        probabilities of each complete past block of the query's sequence, [T, N2, G, T/β]."""
+        tokens, blocks = q.shape[0], q.shape[0] // self.block
+        _, sequence, _, _, block_sequence = seq
+        key_summary = _summarise_blocks(key, self.w_compress_k, self.block)       # [blocks, N2, D]
+        value_summary = _summarise_blocks(value, self.w_compress_v, self.block)   # [blocks, N2, Dv]
+        block_end = (ops.arange(blocks, dtype=ms.int32) + 1) * self.block - 1
+        visible = ops.logical_and(block_sequence.reshape(1, blocks) == sequence.reshape(tokens, 1),
+                                  block_end.reshape(1, blocks) <= ops.arange(tokens, dtype=ms.int32).reshape(
+                                      tokens, 1))                                  # [T, blocks]
+        scores = ops.matmul(q.transpose(1, 0, 2, 3).reshape(self.kv_head_num, tokens * self.group, self.head_dim),
+                            key_summary.transpose(1, 2, 0)) * self.scale            # [N2, T*G, blocks]
+        scores = scores.reshape(self.kv_head_num, tokens, self.group, blocks)
+        probs = _masked_softmax(scores, visible.reshape(1, tokens, 1, blocks))
+        out = ops.matmul(probs.reshape(self.kv_head_num, tokens * self.group, blocks), value_summary.transpose(1, 0, 2))
+        out = out.reshape(self.kv_head_num, tokens, self.group, self.value_head_dim).transpose(1, 0, 2, 3)
+        return out, probs.transpose(1, 0, 2, 3)
+
+    def select_blocks(self, block_probs, seq):
+        """topk_indices [T, N2, C] int32: per query and KV group, the C blocks of highest compressed
+        probability (summed over the group's heads), first and own block always included, as block
+        numbers relative to the sequence start. Indices are distinct and within the sequence."""
+        tokens, blocks = block_probs.shape[0], block_probs.shape[-1]
+        _, sequence, _, first_block, block_sequence = seq
+        importance = ops.stop_gradient(block_probs.sum(axis=2))                    # [T, N2, blocks]
+        block_ids = ops.arange(blocks, dtype=ms.int32).reshape(1, blocks)
+        own_block = (ops.arange(tokens, dtype=ms.int32) // self.block).reshape(tokens, 1)
+        first_block = first_block.reshape(tokens, 1)
+        same_sequence = block_sequence.reshape(1, blocks) == sequence.reshape(tokens, 1)
+        forced = ops.logical_or(block_ids == own_block, block_ids == first_block)
+        past = (block_ids <= own_block).reshape(tokens, 1, blocks)
+        rank = ops.where(past, importance, ops.full_like(importance, _FUTURE_RANK))
+        rank = ops.where(forced.reshape(tokens, 1, blocks), ops.full_like(rank, _FORCED_RANK), rank)
+        rank = ops.where(same_sequence.reshape(tokens, 1, blocks), rank,
+                         ops.full_like(rank, _OTHER_SEQUENCE_RANK))
+        _, chosen = ops.topk(rank, self.block_count)                               # global block numbers
+        return (chosen.astype(ms.int32) - first_block.reshape(tokens, 1, 1)).astype(ms.int32)
+
+    def selected(self, q, key, value, topk_indices, seq):
+        """Token-level attention over the chosen blocks (ms_nsa's op), [T, N2, G, Dv]."""
+        tokens, cu_seq_len = q.shape[0], seq[0]
+        out = self.selected_attention(q.reshape(tokens, self.head_num, self.head_dim), key, value, topk_indices,
+                                      cu_seq_len, cu_seq_len)
+        return out.reshape(tokens, self.kv_head_num, self.group, self.value_head_dim)
+
+    def window(self, q, key, value, seq):
+        """Causal sliding-window attention over the last window_size tokens of the sequence, [T, N2, G, Dv]."""
+        tokens, start = q.shape[0], seq[2]
+        positions = ops.arange(tokens, dtype=ms.int32).reshape(tokens, 1)
+        key_rows = positions - self.window_size + 1 + ops.arange(self.window_size, dtype=ms.int32).reshape(1, -1)
+        visible = key_rows >= start.reshape(tokens, 1)                         # [T, w]
+        key_rows = ops.maximum(key_rows, 0)
+        window_keys = _gather_rows(key, key_rows)                                   # [T, N2, w, D]
+        window_values = _gather_rows(value, key_rows)                               # [T, N2, w, Dv]
+        scores = ops.matmul(q, window_keys.swapaxes(-1, -2)) * self.scale          # [T, N2, G, w]
+        probs = _masked_softmax(scores, visible.reshape(tokens, 1, 1, self.window_size))
+        return ops.matmul(probs, window_values)
+
+    def extend_repr(self):
+        return (f"hidden_size={self.hidden_size}, head_num={self.head_num}, kv_head_num={self.kv_head_num}, "
+                f"head_dim={self.head_dim}, value_head_dim={self.value_head_dim}, "
+                f"select_block_size={self.block}, select_block_count={self.block_count}, "
+                f"window_size={self.window_size}, branches={self.branches}")
+
+
+def _sequence_geometry(tokens, actual_seq_len, block):
+    """Where every token and block sits in the packed batch, computed in-graph from the lengths.
+
+    A plain tuple (graph mode compiled a namedtuple's field access into a slow, failing fallback):
+    (cu_seq_len [B] int64 as the op reads it, sequence [T] int32 (the token's sequence number),
+    start [T] int32 (first token of its sequence), first_block [T] int32 (first block of its
+    sequence), block_sequence [T/β] int32 (each block's sequence number))."""
+    if actual_seq_len is None:
+        cu_seq_len = ops.full((1,), tokens, dtype=ms.int64)
+    else:
+        cu_seq_len = actual_seq_len.astype(ms.int64)
+    ends = cu_seq_len.astype(ms.int32).reshape(1, -1)
+    positions = ops.arange(tokens, dtype=ms.int32).reshape(tokens, 1)
+    ended = positions >= ends                                                       # [T, B]
+    sequence = ended.astype(ms.int32).sum(axis=1)
+    start = ops.where(ended, ends, ops.zeros_like(ends)).max(axis=1)
+    block_sequence = sequence.reshape(tokens // block, block)[:, 0]
+    return cu_seq_len, sequence, start, start // block, block_sequence
+
+
+def _summarise_blocks(x, weight, block):
+    """[T, N2, d] -> [T/β, N2, d]: each block's flattened rows mapped by `weight` [β*d, d]."""
+    tokens, heads, dim = x.shape
+    blocks = x.reshape(tokens // block, block, heads, dim).transpose(0, 2, 1, 3)
+    return ops.matmul(blocks.reshape(tokens // block, heads, block * dim), weight)
+
+
+def _masked_softmax(scores, visible):
+    """Softmax over the last axis restricted to `visible`; rows with nothing visible give zeros."""
+    probs = ops.softmax(ops.masked_fill(scores, ops.logical_not(visible), _MASKED_SCORE), axis=-1)
+    return probs * visible.astype(probs.dtype)
+
+
+def _gather_rows(x, rows):
+    """x [T, N2, d] gathered at token rows [T, w] for every head: [T, N2, w, d]."""
+    tokens, heads, dim = x.shape
+    width = rows.shape[1]
+    flat = (rows.reshape(tokens, 1, width) * heads + ops.arange(heads, dtype=ms.int32).reshape(1, heads, 1))
+    return ops.gather(x.reshape(tokens * heads, dim), flat.reshape(-1), 0).reshape(tokens, heads, width, dim)
