@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 from typing import List, Tuple
 
+import numpy as np
 import mindspore as ms
 from mindspore import ops
 from mindspore.common.api import _pynative_executor
@@ -152,6 +153,15 @@ def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_blo
                 ops.zeros_like(actual_seq_kvlen))
 
     return _build(op_def, attrs, bprop=bprop)
+
+
+def int_array(values):
+    """Cumulative lengths as the 1-D int64 tensor the kernels read."""
+    return ms.Tensor(np.array(values, dtype=np.int64))
+
+
+def check_length_tensor(name, function):
+    """Length tensors are fine here: the kernels read and check their values on each call."""
 
 
 def output_order(op_def_name: str) -> Tuple[int, ...]:

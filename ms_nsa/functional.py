@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from . import _cpu_kernels as _kernels
+from . import _backend
 from .op_def import BACKWARD, FORWARD, load_op_def
 
 
@@ -49,7 +49,7 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
         softmax_sum [T1, N1, 8] float32). A row that sees no key returns zeros, -inf and 0.
     """
     _expect_tensors(FORWARD, query, key, value, topk_indices)
-    op = _kernels.forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    op = _backend.forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
     if atten_mask is not None:
         _check_mask(atten_mask.shape, atten_mask.dtype, FORWARD)
     _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, FORWARD)
@@ -70,7 +70,7 @@ def nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_ma
     in :func:`nsa_select_attention`, with the same mask. dk and dv are bitwise reproducible.
     """
     _expect_tensors(BACKWARD, grad, query, key, value, attention_out, softmax_max, softmax_sum, topk_indices)
-    op = _kernels.grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    op = _backend.grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
     if atten_mask is not None:
         _check_mask(atten_mask.shape, atten_mask.dtype, BACKWARD)
     _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, BACKWARD)
@@ -89,9 +89,10 @@ def _expect_tensors(op_name, *tensors):
 
 
 def _cumulative(lengths, total, name, op_name):
-    """Cumulative lengths as the 1-D int64 tensor the kernels read."""
+    """Cumulative lengths in the form the backend's op takes (CPU: 1-D int64 tensor; Ascend: tuple)."""
     if isinstance(lengths, Tensor):
         _check_length_tensor(lengths.dtype, lengths.ndim, name, op_name)
+        _backend.check_length_tensor(name, _function_name(op_name))
         return ops.cast(lengths, ms.int64)
     return _constant_cumulative(lengths, total, name, op_name)
 
@@ -115,7 +116,7 @@ def _check_length_tensor(dtype, ndim, name, op_name):
 def _constant_cumulative(lengths, total, name, op_name):
     """Checks Python-side lengths at once (compile time in graph mode) and makes them a constant."""
     if lengths is None:
-        return Tensor(np.array([total], dtype=np.int64))
+        return _backend.int_array((total,))
     if isinstance(lengths, np.ndarray) and lengths.ndim == 1:
         lengths = lengths.tolist()
     if not isinstance(lengths, (tuple, list)) or not all(
@@ -133,7 +134,7 @@ def _constant_cumulative(lengths, total, name, op_name):
     if not values or values[-1] != total:
         raise ValueError(f"{_function_name(op_name)}: {name} = {tuple(values)} must end at the token count "
                          f"{total} (the first dimension of the tensor it describes)")
-    return Tensor(np.array(values, dtype=np.int64))
+    return _backend.int_array(values)
 
 
 def _check_lengths_paired(q_missing, kv_missing, op_name):
@@ -146,5 +147,5 @@ def _check_lengths_paired(q_missing, kv_missing, op_name):
 
 def _check_mask(shape, dtype, op_name):
     op_def = load_op_def(op_name)
-    op_def.bind_dims({"atten_mask": shape}, {}, _kernels.BACKEND)
-    op_def.check_dtypes({"atten_mask": _kernels.dtype_name(dtype)}, _kernels.BACKEND)
+    op_def.bind_dims({"atten_mask": shape}, {}, _backend.name())
+    op_def.check_dtypes({"atten_mask": _backend.dtype_name(dtype)}, _backend.name())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from mindspore import nn
 
-from . import _cpu_kernels as _kernels
+from . import _backend
 from .functional import nsa_select_attention
 from .op_def import FORWARD, load_op_def
 
@@ -31,7 +31,7 @@ class NsaSelectAttention(nn.Cell):
                      select_block_count=select_block_count, sparse_mode=sparse_mode)
         if scale_value is not None:
             attrs["scale_value"] = scale_value
-        load_op_def(FORWARD).check_attrs(attrs, _kernels.BACKEND)
+        load_op_def(FORWARD).check_attrs(attrs, _backend.name())
         self.head_num = head_num
         self.select_block_size = select_block_size
         self.select_block_count = select_block_count
