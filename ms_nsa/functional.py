@@ -81,11 +81,23 @@ def nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_ma
 
 
 def _expect_tensors(op_name, *tensors):
-    """TypeError for a positional tensor argument that is not a Tensor (a constant check in graph mode)."""
+    """The positional tensor arguments are Tensors of the right rank (constant checks in graph mode),
+    so that later messages (about lengths, say) never stem from a misplaced or mis-shaped argument."""
+    shapes = ()
     for name, value in zip(_tensor_names(op_name), tensors):
         if not isinstance(value, Tensor):
             raise TypeError(f"{_function_name(op_name)}: {name} must be a mindspore Tensor, got "
                             f"{type(value).__name__}")
+        shapes = shapes + (value.shape,)
+    _check_each_shape(op_name, _backend.name(), shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_each_shape(op_name, backend, shapes):
+    """Each tensor's rank and fixed dimensions on its own, before any cross-argument rule."""
+    op_def = load_op_def(op_name)
+    for name, shape in zip(_tensor_names(op_name), shapes):
+        op_def.bind_dims({name: shape}, {}, backend)
 
 
 def _cumulative(lengths, total, name, op_name):
