@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import subprocess
 from pathlib import Path
 from typing import List, Sequence
@@ -103,38 +102,30 @@ static void tail(uint64_t *w, aclOpExecutor **e) { put(w ? "workspace_size" : "n
 const char *recorded(void) { return log_buffer; }
 void clear_record(void) { log_used = 0; log_buffer[0] = 0; }
 
-aclnnStatus aclnnNsaSelectedAttentionGetWorkspaceSize(
-    const aclTensor *query, const aclTensor *key, const aclTensor *value, const aclTensor *topkIndices,
-    const aclTensor *attenMaskOptional, const aclIntArray *actualSeqQLenOptional,
-    const aclIntArray *actualSeqKvLenOptional, double scaleValue, int64_t headNum, char *inputLayout,
-    int64_t sparseMode, int64_t selectedBlockSize, int64_t selectedBlockCount,
-    const aclTensor *softmaxMaxOut, const aclTensor *softmaxSumOut, const aclTensor *attentionOut,
-    uint64_t *workspaceSize, aclOpExecutor **executor) {
-  maybe_tensor(query); maybe_tensor(key); maybe_tensor(value); maybe_tensor(topkIndices);
-  maybe_tensor(attenMaskOptional); int_array(actualSeqQLenOptional); int_array(actualSeqKvLenOptional);
-  f64(scaleValue); i64(headNum); str(inputLayout); i64(sparseMode); i64(selectedBlockSize);
-  i64(selectedBlockCount); maybe_tensor(softmaxMaxOut); maybe_tensor(softmaxSumOut); maybe_tensor(attentionOut);
-  tail(workspaceSize, executor);
-  return 0;
-}
+STAND_INS""".replace("HANDLES", HANDLES)
 
-aclnnStatus aclnnNsaSelectedAttentionGradGetWorkspaceSize(
-    const aclTensor *query, const aclTensor *key, const aclTensor *value, const aclTensor *attentionOut,
-    const aclTensor *attentionOutGrad, const aclTensor *softmaxMax, const aclTensor *softmaxSum,
-    const aclTensor *topkIndices, const aclIntArray *actualSeqQLenOptional,
-    const aclIntArray *actualSeqKvLenOptional, const aclTensor *attenMaskOptional, double scaleValue,
-    int64_t selectedBlockSize, int64_t selectedBlockCount, int64_t headNum, char *inputLayout,
-    int64_t sparseMode, aclTensor *dqOut, aclTensor *dkOut, aclTensor *dvOut,
-    uint64_t *workspaceSize, aclOpExecutor **executor) {
-  maybe_tensor(query); maybe_tensor(key); maybe_tensor(value); maybe_tensor(attentionOut);
-  maybe_tensor(attentionOutGrad); maybe_tensor(softmaxMax); maybe_tensor(softmaxSum); maybe_tensor(topkIndices);
-  int_array(actualSeqQLenOptional); int_array(actualSeqKvLenOptional); maybe_tensor(attenMaskOptional);
-  f64(scaleValue); i64(selectedBlockSize); i64(selectedBlockCount); i64(headNum); str(inputLayout);
-  i64(sparseMode); maybe_tensor(dqOut); maybe_tensor(dkOut); maybe_tensor(dvOut);
-  tail(workspaceSize, executor);
-  return 0;
-}
-""".replace("HANDLES", HANDLES)
+# How the stand-in logs a parameter of each type (the parameter name replaces NAME).
+_LOGGERS = {"aclTensor*": "maybe_tensor(NAME);", "aclIntArray*": "int_array(NAME);", "double": "f64(NAME);",
+            "int64_t": "i64(NAME);", "char*": "str(NAME);"}
+
+
+def _parameters(prototype: str):
+    """[(type, name)] of a prototype, types spelled as MindSpore spells them ("aclTensor*")."""
+    body = prototype[prototype.index("(") + 1:prototype.rindex(")")]
+    result = []
+    for parameter in body.split(","):
+        words = parameter.replace("const ", "").replace("*", " * ").split()
+        result.append(("".join(words[:-1]), words[-1]))
+    return result
+
+
+def _stand_in(prototype: str) -> str:
+    """The prototype made a definition that logs every argument in order (from the spec's text alone)."""
+    lines = [_LOGGERS[kind].replace("NAME", name) for kind, name in _parameters(prototype)[:-2]]
+    return prototype.rstrip(";") + " {\n  " + "\n  ".join(lines) + "\n  tail(workspaceSize, executor);\n  return 0;\n}\n"
+
+
+RECORDER_C = RECORDER_C.replace("STAND_INS", "\n".join(_stand_in(p) for p in PROTOTYPES.values()))
 
 # Plays CustomV2AclnnKernelMod::CallGetWorkSpaceSize: one void* per input (tensors and arrays as handles,
 # scalars as pointers to their value, strings as char*), then the outputs, then the callback.
@@ -179,8 +170,7 @@ extern "C" int drive(const char *callback_library, const char *callback_name, vo
 
 
 def parameter_names(prototype: str) -> List[str]:
-    body = prototype[prototype.index("(") + 1:prototype.rindex(")")]
-    return [re.split(r"[\s*]+", p.strip())[-1] for p in body.split(",")]
+    return [name for _, name in _parameters(prototype)]
 
 
 class FakeCann:

@@ -155,26 +155,23 @@ def test_ops_built_as_on_ascend_carry_the_yaml(sparse_mode, on_ascend):
 
 
 # -- what aclnn receives ----------------------------------------------------------------------------
-@pytest.mark.parametrize("sparse_mode", [0, 2])
-def test_forward_call_reaches_aclnn_with_every_argument(sparse_mode, on_ascend):
-    op_def = load_op_def(FORWARD)
-    op = ascend.forward_op(*_attrs(sparse_mode))
-    tensors, tags = _tensors()
-    arguments = ascend.aclnn_arguments(op.plan, _call_inputs(op_def, tensors))
-    log = on_ascend.call(op.primitive.attrs["custom_callback_func"], op_def.aclnn,
-                         list(op.primitive.attrs["custom_inputs_type"]), arguments, tags, ["out0", "out1", "out2"])
-    assert log == _log_in_prototype_order(FORWARD_PROTOTYPE, _expected_forward(sparse_mode))
+def _aclnn_log(cann, op, op_def, arguments, tags):
+    """What the aclnn stand-in receives when MindSpore's generated callback is given `arguments`."""
+    attrs = op.primitive.attrs
+    return cann.call(attrs["custom_callback_func"], op_def.aclnn, list(attrs["custom_inputs_type"]), arguments, tags,
+                     ["out0", "out1", "out2"])
 
 
 @pytest.mark.parametrize("sparse_mode", [0, 2])
-def test_grad_call_reaches_aclnn_with_every_argument(sparse_mode, on_ascend):
-    op_def = load_op_def(BACKWARD)
-    op = ascend.grad_op(*_attrs(sparse_mode))
+@pytest.mark.parametrize("op_name, factory, prototype, expected", [
+    (FORWARD, "forward_op", FORWARD_PROTOTYPE, _expected_forward),
+    (BACKWARD, "grad_op", GRAD_PROTOTYPE, _expected_grad)])
+def test_call_reaches_aclnn_with_every_argument(op_name, factory, prototype, expected, sparse_mode, on_ascend):
+    op_def = load_op_def(op_name)
+    op = getattr(ascend, factory)(*_attrs(sparse_mode))
     tensors, tags = _tensors()
     arguments = ascend.aclnn_arguments(op.plan, _call_inputs(op_def, tensors))
-    log = on_ascend.call(op.primitive.attrs["custom_callback_func"], op_def.aclnn,
-                         list(op.primitive.attrs["custom_inputs_type"]), arguments, tags, ["out0", "out1", "out2"])
-    assert log == _log_in_prototype_order(GRAD_PROTOTYPE, _expected_grad(sparse_mode))
+    assert _aclnn_log(on_ascend, op, op_def, arguments, tags) == _log_in_prototype_order(prototype, expected(sparse_mode))
 
 
 @pytest.mark.parametrize("sparse_mode", [0, 2])
@@ -199,10 +196,7 @@ def test_bprop_feeds_the_grad_op_and_returns_dq_dk_dv(sparse_mode, on_ascend):
     assert gradients[names.index("key")] is dk
     assert gradients[names.index("value")] is dv
     assert len(gradients) == len(names)
-    log = on_ascend.call(grad.primitive.attrs["custom_callback_func"], grad_def.aclnn,
-                         list(grad.primitive.attrs["custom_inputs_type"]), received[0], tags,
-                         ["out0", "out1", "out2"])
-    assert log == _log_in_prototype_order(GRAD_PROTOTYPE, _expected_grad(sparse_mode))
+    assert _aclnn_log(on_ascend, grad, grad_def, received[0], tags) == _log_in_prototype_order(GRAD_PROTOTYPE, _expected_grad(sparse_mode))
 
 
 # -- validation before anything reaches aclnn -------------------------------------------------------

@@ -35,13 +35,30 @@ if REASON:
 _RESULTS = []
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = []
+
+
+def pytest_configure(config):
+    _ROOT.append(str(config.rootpath))
+
+
+def _in_this_suite(path) -> bool:
+    # Hooks of a conftest see the whole session's items and reports, not only this folder's; report
+    # paths are relative to the rootdir.
+    return os.path.abspath(os.path.join(_ROOT[0], str(path))).startswith(HERE + os.sep)
+
+
 def pytest_collection_modifyitems(items):
     if REASON:
         for item in items:
-            item.add_marker(pytest.mark.skip(reason=f"on-device suite: {REASON}"))
+            if _in_this_suite(item.path):
+                item.add_marker(pytest.mark.skip(reason=f"on-device suite: {REASON}"))
 
 
 def pytest_runtest_logreport(report):
+    if not _in_this_suite(report.fspath):
+        return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         _RESULTS.append((report.nodeid.split("::", 1)[-1], report.outcome))
 

@@ -19,6 +19,8 @@ ASCEND_CASES = {f"{name}/{dims}": Case(**{**case.__dict__, "head_dim": HEAD_DIMS
                 for name, case in sorted(CASES.items()) for dims in HEAD_DIMS}
 
 
+# tests/conftest.py's `mode` fixture, repeated: that conftest pins the CPU device, so this suite keeps
+# it out (--confcutdir) and cannot import it.
 @pytest.fixture(params=["pynative", "graph"])
 def mode(request):
     previous = ms.get_context("mode")
