@@ -1,4 +1,4 @@
-"""`nn.Cell` face of the op: `ms_nsa.nn.NsaSelectAttention`."""
+"""`nn.Cell` faces: `ms_nsa.nn.NsaSelectAttention` (the op) and `ms_nsa.nn.NativeSparseAttention` (the NSA layer)."""
 from __future__ import annotations
 
 from mindspore import nn
@@ -52,3 +52,8 @@ class NsaSelectAttention(nn.Cell):
         return (f"head_num={self.head_num}, select_block_size={self.select_block_size}, "
                 f"select_block_count={self.select_block_count}, scale_value={self.scale_value}, "
                 f"sparse_mode={self.sparse_mode}")
+
+
+# The full NSA layer lives in its own module; it builds on NsaSelectAttention above (imported last
+# because nsa_layer imports NsaSelectAttention from here).
+from .nsa_layer import NativeSparseAttention  # noqa: E402  pylint: disable=wrong-import-position

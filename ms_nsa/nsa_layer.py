@@ -110,8 +110,10 @@ class NativeSparseAttention(nn.Cell):
         if self.use_compressed:
             # Block summary phi: a learned linear map of the block's flattened keys (values); being
             # position-specific it plays the role of the paper's intra-block position encoding.
-            self.w_compress_k = weight("w_compress_k", select_block_size * head_dim, head_dim)
-            self.w_compress_v = weight("w_compress_v", select_block_size * value_head_dim, value_head_dim)
+            # Initialised to the block mean, so from the first step a block's summary key scores
+            # like its tokens do and the selection is meaningful before phi has learned anything.
+            self.w_compress_k = Parameter(_block_mean(select_block_size, head_dim), name="w_compress_k")
+            self.w_compress_v = Parameter(_block_mean(select_block_size, value_head_dim), name="w_compress_v")
         if self.use_selected:
             # Validates the attributes against the op's contract at construction time.
             self.selected_attention = NsaSelectAttention(head_num, select_block_size, select_block_count,
@@ -232,6 +234,11 @@ def _sequence_geometry(tokens, actual_seq_len, block):
     start = ops.where(ended, ends, ops.zeros_like(ends)).max(axis=1)
     block_sequence = sequence.reshape(tokens // block, block)[:, 0]
     return cu_seq_len, sequence, start, start // block, block_sequence
+
+
+def _block_mean(block, dim):
+    """[β*d, d] weights that map a flattened block of β rows to their mean."""
+    return Tensor(np.tile(np.eye(dim, dtype=np.float32), (block, 1)) / block)
 
 
 def _summarise_blocks(x, weight, block):
