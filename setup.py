@@ -9,10 +9,16 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc", "custom_aot/nsa_gemm.cc",
-                  "custom_aot/nsa_aot.cc"]
+KERNEL_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc", "custom_aot/nsa_aot.cc"]
 KERNEL_FLAGS = [
     "-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra",
+    # Portable baseline (no -march): the AVX2 and AVX-512 kernels are separate functions with
+    # target attributes, chosen at run time (custom_aot/nsa_core.cc). Fused multiply-add is allowed
+    # (-ffp-contract=fast; ISO C++ mode would forbid it); -ffast-math is not (NaN/Inf must behave).
+    "-ffp-contract=fast",
+    # The SIMD helpers return vector types; they are always inlined, so no call crosses the ABI
+    # difference this warning is about.
+    "-Wno-psabi",
     # MindSpore passes std::string across the AOT boundary with the old libstdc++ ABI.
     "-D_GLIBCXX_USE_CXX11_ABI=0",
 ]

@@ -72,6 +72,9 @@ NsaError nsa_backward(const NsaProblem &problem, const void *query, const void *
 void nsa_set_num_threads(int num_threads);
 int nsa_get_num_threads();
 
+// Instruction set of the kernels picked at run time: "avx512", "avx2" or "baseline".
+const char *nsa_kernel_isa();
+
 }  // namespace ms_nsa
 
 #endif  // MS_NSA_NSA_CORE_H_

@@ -2,10 +2,13 @@
 #ifndef MS_NSA_NSA_DTYPE_H_
 #define MS_NSA_NSA_DTYPE_H_
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
 #include "nsa_core.h"
+#include "nsa_simd.h"
 
 namespace ms_nsa {
 
@@ -60,6 +63,48 @@ inline void store_row(DType dtype, const float *src, void *base, int64_t offset,
       for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
       break;
     }
+  }
+}
+
+
+// Fast float16/bfloat16 -> float32 for the hot loops (gathered K/V tiles, query/grad rows). The
+// conversions are exact, so every path gives the same bits; only speed differs. GCC does not
+// vectorise _Float16 conversions, hence the F16C / AVX-512 intrinsics in their own target functions,
+// called only from kernels built for (and dispatched to) a CPU that has them.
+__attribute__((target("avx512f,f16c"))) inline void f16_to_float_avx512(const uint16_t *src, float *dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) inline void f16_to_float_f16c(const uint16_t *src, float *dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+// load_row for kernels built for W-lane vectors (W = 16: AVX-512, 8: AVX2 + F16C, else baseline).
+template <int W>
+MS_NSA_INLINE void load_row_fast(DType dtype, const void *base, int64_t offset, float *dst, int64_t n) {
+  if (dtype == DType::kBFloat16) {
+    const uint16_t *src = static_cast<const uint16_t *>(base) + offset;
+    for (int64_t i = 0; i < n; ++i) {  // integer widening: the compiler vectorises this loop
+      const uint32_t widened = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(dst + i, &widened, sizeof(float));
+    }
+  } else if (dtype == DType::kFloat16 && W >= 8) {
+    const uint16_t *src = static_cast<const uint16_t *>(base) + offset;
+    if constexpr (W >= 16) {
+      f16_to_float_avx512(src, dst, n);
+    } else {
+      f16_to_float_f16c(src, dst, n);
+    }
+  } else {
+    load_row(dtype, base, offset, dst, n);
   }
 }
 
