@@ -84,21 +84,25 @@ def assert_close_to_scale(got, want, name):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
 
 
+def query_rows(seq_lens):
+    """(row t, KV head n, first block of t's sequence, t's own block, sequence length), global blocks."""
+    begin = 0
+    for seq_len in seq_lens:
+        for t in range(begin, begin + seq_len):
+            for n in range(KV_HEADS):
+                yield t, n, begin // BLOCK, t // BLOCK, seq_len
+        begin += seq_len
+
+
 def expected_selection(block_probs, seq_lens):
     """NumPy statement of the rule: per query and KV group, the first and own blocks, then the past
     blocks of highest summed compressed probability; future blocks only to fill up the count."""
     importance = block_probs.sum(axis=2)                      # [T, N2, blocks]
     picks = {}
-    begin = 0
-    for seq_len in seq_lens:
-        first = begin // BLOCK
-        for t in range(begin, begin + seq_len):
-            own = t // BLOCK
-            for n in range(KV_HEADS):
-                past = sorted(range(first + 1, own), key=lambda b: -importance[t, n, b])
-                forced = {first, own}
-                picks[t, n] = (forced, set(past[:COUNT - len(forced)]))
-        begin += seq_len
+    for t, n, first, own, _ in query_rows(seq_lens):
+        past = sorted(range(first + 1, own), key=lambda b: -importance[t, n, b])
+        forced = {first, own}
+        picks[t, n] = (forced, set(past[:COUNT - len(forced)]))
     return picks
 
 
@@ -118,20 +122,14 @@ def test_block_selection(mode):
     topk, block_probs = (t.asnumpy() for t in Selection()(x, cu_seq_len))
     assert topk.shape == (TOKENS, KV_HEADS, COUNT) and topk.dtype == np.int32
     expected = expected_selection(block_probs, SEQ_LENS)
-    begin = 0
-    for seq_len in SEQ_LENS:
-        first = begin // BLOCK
-        for t in range(begin, begin + seq_len):
-            own = t // BLOCK
-            for n in range(KV_HEADS):
-                chosen = set((topk[t, n] + first).tolist())       # back to global block numbers
-                forced, best_past = expected[t, n]
-                assert len(chosen) == COUNT, f"row {t}: repeated blocks {topk[t, n]}"
-                assert all(0 <= i < seq_len // BLOCK for i in topk[t, n]), f"row {t}: {topk[t, n]} out of range"
-                assert forced <= chosen and best_past <= chosen, (t, n, topk[t, n])
-                future = {b for b in chosen if b > own}
-                assert len(future) == COUNT - len(forced | best_past), (t, n, topk[t, n])
-        begin += seq_len
+    for t, n, first, own, seq_len in query_rows(SEQ_LENS):
+        chosen = set((topk[t, n] + first).tolist())       # back to global block numbers
+        forced, best_past = expected[t, n]
+        assert len(chosen) == COUNT, f"row {t}: repeated blocks {topk[t, n]}"
+        assert all(0 <= i < seq_len // BLOCK for i in topk[t, n]), f"row {t}: {topk[t, n]} out of range"
+        assert forced <= chosen and best_past <= chosen, (t, n, topk[t, n])
+        future = {b for b in chosen if b > own}
+        assert len(future) == COUNT - len(forced | best_past), (t, n, topk[t, n])
 
 
 def test_packed_sequences_do_not_see_each_other():
