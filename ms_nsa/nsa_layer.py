@@ -131,7 +131,8 @@ class NativeSparseAttention(nn.Cell):
         gates = ops.sigmoid(ops.matmul(x, self.w_gate) + self.b_gate).reshape(
             tokens, self.kv_head_num, self.group, len(self.branches), 1)
 
-        # Branch outputs [T, N2, G, Dv] in the order of self.branches (the slots of kv and gates).
+        # Branch outputs [T, N2, G, Dv] in the order of self.branches (the slots of kv and gates);
+        # that order is canonical, so compressed is slot 0, selected slot 1 and window the last.
         branch_outs = ()
         if self.use_compressed:
             compressed_out, block_probs = self.compressed(q, *self._kv_slot(kv, 0), seq)
