@@ -124,6 +124,7 @@ class NativeSparseAttention(nn.Cell):
 
     def construct(self, x, actual_seq_len=None):
         tokens = x.shape[0]
+        _check_whole_blocks(tokens, self.block)
         seq = _sequence_geometry(tokens, actual_seq_len, self.block)
         q = ops.matmul(x, self.w_q).reshape(tokens, self.kv_head_num, self.group, self.head_dim)
         kv = ops.matmul(x, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
@@ -217,6 +218,13 @@ class NativeSparseAttention(nn.Cell):
                 f"window_size={self.window_size}, branches={self.branches}")
 
 
+def _check_whole_blocks(tokens, block):
+    """Shapes are constants, so in graph mode this fails at compile time, with this message."""
+    if tokens % block:
+        raise ValueError(f"NativeSparseAttention: the token count T = {tokens} must be a multiple of "
+                         f"select_block_size = {block} (every sequence length must be one)")
+
+
 def _sequence_geometry(tokens, actual_seq_len, block):
     """Where every token and block sits in the packed batch, computed in-graph from the lengths.
 
@@ -231,7 +239,7 @@ def _sequence_geometry(tokens, actual_seq_len, block):
     ends = cu_seq_len.astype(ms.int32).reshape(1, -1)
     positions = ops.arange(tokens, dtype=ms.int32).reshape(tokens, 1)
     ended = positions >= ends                                                       # [T, B]
-    sequence = ended.astype(ms.int32).sum(axis=1)
+    sequence = ended.astype(ms.int32).sum(axis=1).astype(ms.int32)
     start = ops.where(ended, ends, ops.zeros_like(ends)).max(axis=1)
     block_sequence = sequence.reshape(tokens // block, block)[:, 0]
     return cu_seq_len, sequence, start, start // block, block_sequence

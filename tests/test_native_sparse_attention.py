@@ -173,3 +173,10 @@ def test_branch_subsets(branches):
 def test_bad_configurations_raise(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         make_layer(**kwargs)
+
+
+def test_tokens_must_fill_whole_blocks(mode):
+    layer = make_layer()
+    x = Tensor(np.zeros((TOKENS - 8, HIDDEN), np.float32))
+    with pytest.raises(ValueError, match="multiple of select_block_size"):
+        layer(x, Tensor(np.array([TOKENS - 8], np.int64)))
