@@ -50,11 +50,8 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
     """
     _expect_tensors(FORWARD, query, key, value, topk_indices)
     op = _backend.forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
-    if atten_mask is not None:
-        _check_mask(atten_mask.shape, atten_mask.dtype, FORWARD)
-    _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, FORWARD)
-    cu_seq_q = _cumulative(actual_seq_qlen, query.shape[0], "actual_seq_qlen", FORWARD)
-    cu_seq_kv = _cumulative(actual_seq_kvlen, key.shape[0], "actual_seq_kvlen", FORWARD)
+    cu_seq_q, cu_seq_kv = _mask_and_lengths(FORWARD, atten_mask, actual_seq_qlen, actual_seq_kvlen, query.shape[0],
+                                            key.shape[0])
     softmax_max, softmax_sum, attention_out = op(query, key, value, topk_indices, cu_seq_q, cu_seq_kv)
     return attention_out, softmax_max, softmax_sum
 
@@ -71,11 +68,8 @@ def nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_ma
     """
     _expect_tensors(BACKWARD, grad, query, key, value, attention_out, softmax_max, softmax_sum, topk_indices)
     op = _backend.grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
-    if atten_mask is not None:
-        _check_mask(atten_mask.shape, atten_mask.dtype, BACKWARD)
-    _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, BACKWARD)
-    cu_seq_q = _cumulative(actual_seq_qlen, query.shape[0], "actual_seq_qlen", BACKWARD)
-    cu_seq_kv = _cumulative(actual_seq_kvlen, key.shape[0], "actual_seq_kvlen", BACKWARD)
+    cu_seq_q, cu_seq_kv = _mask_and_lengths(BACKWARD, atten_mask, actual_seq_qlen, actual_seq_kvlen, query.shape[0],
+                                            key.shape[0])
     return op(query, key, value, attention_out, grad, softmax_max, softmax_sum, topk_indices, cu_seq_q,
               cu_seq_kv)
 
@@ -98,6 +92,15 @@ def _check_each_shape(op_name, backend, shapes):
     op_def = load_op_def(op_name)
     for name, shape in zip(_tensor_names(op_name), shapes):
         op_def.bind_dims({name: shape}, {}, backend)
+
+
+def _mask_and_lengths(op_name, atten_mask, actual_seq_qlen, actual_seq_kvlen, q_tokens, kv_tokens):
+    """Checks the reserved mask (never read) and returns the cumulative lengths in the backend's form."""
+    if atten_mask is not None:
+        _check_mask(atten_mask.shape, atten_mask.dtype, op_name)
+    _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, op_name)
+    return (_cumulative(actual_seq_qlen, q_tokens, "actual_seq_qlen", op_name),
+            _cumulative(actual_seq_kvlen, kv_tokens, "actual_seq_kvlen", op_name))
 
 
 def _cumulative(lengths, total, name, op_name):
