@@ -265,6 +265,14 @@ def run_memory_probe(which, shape, threads):
 
 # ----------------------------------------------------------------------------------------------------
 
+def kernel_isa():
+    import ctypes
+    from ms_nsa._cpu_kernels import library_path
+    lib = ctypes.CDLL(library_path())
+    lib.ms_nsa_kernel_isa.restype = ctypes.c_char_p
+    return lib.ms_nsa_kernel_isa().decode()
+
+
 def describe(shape):
     g = shape["n1"] // shape["n2"]
     return (f"T1={shape['t1']} T2={shape['t2']} N1={shape['n1']} N2={shape['n2']} G={g} D={shape['d']} "
@@ -307,8 +315,13 @@ def main():
             rates["numpy_native_kernels"] = sgemm_rate(args.threads, sgemm_size, sgemm_reps, coretype)
         return rates
 
+    print(f"[bench] {describe(main_shape)}, {args.threads} threads, {runs} timed runs each, "
+          f"kernels: {kernel_isa()}", flush=True)
+    # Memory first, each in a fresh process, while this one holds nothing big yet.
+    memory = {"nsa": run_memory_probe("nsa", main_shape, args.threads)}
+    memory["stock"] = run_memory_probe("composed", main_shape, args.threads)
+    print(f"[bench] memory probes done ({time.time() - started:.0f} s)", flush=True)
     sgemm_samples = [sgemm_both()]
-    print(f"[bench] {describe(main_shape)}, {args.threads} threads, {runs} timed runs each", flush=True)
 
     # 1. Main shape: ms_nsa vs the stock-op version, interleaved.
     nsa_main = nsa_timers(main_shape, "ms_nsa")
@@ -361,10 +374,6 @@ def main():
     sgemm_samples.append(sgemm_both())
     print(f"[bench] sweeps done ({time.time() - started:.0f} s)", flush=True)
 
-    # 4. Memory: a fresh process per implementation.
-    memory = {"nsa": run_memory_probe("nsa", main_shape, args.threads)}
-    memory["stock"] = run_memory_probe("composed", main_shape, args.threads)
-
     sgemm = {key: statistics.median(s[key] for s in sgemm_samples) for key in sgemm_samples[0]}
     result = build_result(args, main_shape, nsa_main, stock, variants, long_t2, sweep, sgemm, sgemm_samples,
                           memory, coretype, time.time() - started)
@@ -400,7 +409,7 @@ def build_result(args, shape, nsa_main, stock, variants, long_t2, sweep, sgemm, 
     return {
         "shape": shape, "threads": args.threads, "quick": args.quick, "elapsed_seconds": elapsed,
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "openblas_coretype_native": coretype},
+                    "openblas_coretype_native": coretype, "kernel_isa": kernel_isa()},
         "sgemm_gflops": sgemm, "sgemm_samples": sgemm_samples,
         "nsa": nsa, "stock": stock_res,
         "variants_fwd_bwd_seconds": {name: t.median for name, t in variants.items()},
@@ -412,7 +421,8 @@ def print_report(r):
     s, sg = r["shape"], r["sgemm_gflops"]
     native = sg.get("numpy_native_kernels")
     print()
-    print(f"ms_nsa CPU benchmark: {describe(s)}, {r['threads']} threads, GRAPH_MODE, median times")
+    print(f"ms_nsa CPU benchmark: {describe(s)}, {r['threads']} threads, GRAPH_MODE, median times, "
+          f"{r['machine']['kernel_isa']} kernels")
     print(f"sgemm 2048 (NumPy a @ b): {sg['numpy_default']:.1f} GFLOP/s as shipped"
           + (f", {native:.1f} GFLOP/s with OPENBLAS_CORETYPE={r['machine']['openblas_coretype_native']}"
              if native else ""))

@@ -43,7 +43,7 @@ MS_NSA_INLINE void product_tile(int64_t K, MatrixA a, const float *b, int64_t ld
     V b_row[Vecs];
     for (int v = 0; v < Vecs; ++v) b_row[v] = load<W>(b + k * ldb + v * W);
     for (int r = 0; r < Rows; ++r) {
-      const V a_rk = splat<W>(a.at(r, k));
+      const float a_rk = a.at(r, k);  // scalar * vector: one broadcast, folded into the FMA
       for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * b_row[v];
     }
   }

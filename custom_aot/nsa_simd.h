@@ -41,6 +41,8 @@ MS_NSA_INLINE void store(float *dst, typename Lanes<W>::type v) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
+// x in every lane (for constants; in the products a float times a vector does the broadcast, which
+// the compiler then fuses into the FMA's memory operand).
 template <int W>
 MS_NSA_INLINE typename Lanes<W>::type splat(float x) {
   return typename Lanes<W>::type{} + x;

@@ -1,0 +1,25 @@
+"""benchmarks/bench_cpu.py still runs (a smoke test of the script: no timing is asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_benchmark_writes_its_json(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cpu.py"), "--quick",
+                             "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "targets:" in result.stdout
+    with open(tmp_path / "bench_cpu_quick.json") as f:
+        report = json.load(f)
+    for key in ("shape", "threads", "machine", "sgemm_gflops", "nsa", "stock", "variants_fwd_bwd_seconds",
+                "sweep", "memory", "targets"):
+        assert key in report, key
+    for part in ("fwd", "bwd", "fwd+bwd"):
+        assert report["nsa"][part]["seconds"] > 0 and report["nsa"][part]["gflops"] > 0
+    assert set(report["variants_fwd_bwd_seconds"]) == {"float32", "float16", "bfloat16", "long_t2"}
+    assert report["sgemm_gflops"]["numpy_default"] > 0
+    assert (tmp_path / "bench_cpu_quick.png").exists()
