@@ -118,16 +118,17 @@ const Kernels &kernels_for(int64_t group) {
   }
 }
 
-// Per-thread scratch of the kernels: O(G * (C*beta + D + Dv) + beta * (D + Dv)) floats.
+// Per-thread scratch of the kernels: O(G * (C*beta + D + Dv) + (beta + kUseRows) * (D + Dv)) floats.
 class ThreadScratch {
  public:
-  ThreadScratch(const NsaProblem &p, int64_t gp) : storage_(scratch_floats(p, gp)) {
-    scratch_ = carve_scratch(p, gp, storage_.data());
+  ThreadScratch(const NsaProblem &p, int64_t gp) : storage_(scratch_floats(p, gp)), segments_(scratch_segments()) {
+    scratch_ = carve_scratch(p, gp, storage_.data(), segments_.data());
   }
   const Scratch &get() const { return scratch_; }
 
  private:
   std::vector<float> storage_;
+  std::vector<Segment> segments_;
   Scratch scratch_;
 };
 

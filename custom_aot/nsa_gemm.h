@@ -86,6 +86,75 @@ MS_NSA_INLINE void product(int64_t M, int64_t N, int64_t K, MatrixA a, const flo
   }
 }
 
+// A sum of products over segments, each with its own A and B and its own number of live rows:
+//     C[m, n] += sum over segments s with m < s.rows of  sum_k A_s(m, k) * B_s[k, n]
+// Each register tile of C is loaded once, takes every segment in order and is stored once, so C
+// traffic does not grow with the number of segments (phase 2 of the backward: one KV block's dk/dv
+// summed over all the query rows that selected it). Every C element is still summed in segment
+// order, then k order: the same bits as one Accumulate product per segment.
+struct Segment {
+  MatrixA a;
+  const float *b;
+  int64_t ldb;
+  int64_t k;     // inner dimension of this segment
+  int64_t rows;  // rows of C this segment reaches (a causal mask may hide the rest)
+};
+
+// One register tile: rows [m0, m0 + Rows) of C (c points at row m0), columns [n0, n0 + Vecs * W).
+template <int W, int Rows, int Vecs>
+MS_NSA_INLINE void segments_tile(int64_t m0, int64_t n0, const Segment *segments, int64_t segment_count, float *c,
+                                 int64_t ldc) {
+  typedef typename Lanes<W>::type V;
+  V acc[Rows][Vecs];
+  for (int r = 0; r < Rows; ++r) {
+    for (int v = 0; v < Vecs; ++v) acc[r][v] = load<W>(c + r * ldc + v * W);
+  }
+  for (int64_t s = 0; s < segment_count; ++s) {
+    const Segment &seg = segments[s];
+    if (seg.rows <= m0) continue;
+    const float *a = seg.a.data + m0 * seg.a.row_stride, *b = seg.b + n0;
+    if (seg.rows >= m0 + Rows) {
+      for (int64_t k = 0; k < seg.k; ++k) {
+        V b_row[Vecs];
+        for (int v = 0; v < Vecs; ++v) b_row[v] = load<W>(b + k * seg.ldb + v * W);
+        for (int r = 0; r < Rows; ++r) {
+          const float a_rk = a[r * seg.a.row_stride + k * seg.a.col_stride];
+          for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * b_row[v];
+        }
+      }
+    } else {  // a causal diagonal block: only its first (seg.rows - m0) rows here are reached
+      const int64_t live = seg.rows - m0;
+      for (int64_t k = 0; k < seg.k; ++k) {
+        for (int r = 0; r < Rows && r < live; ++r) {
+          const float a_rk = a[r * seg.a.row_stride + k * seg.a.col_stride];
+          for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * load<W>(b + k * seg.ldb + v * W);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int v = 0; v < Vecs; ++v) store<W>(c + r * ldc + v * W, acc[r][v]);
+  }
+}
+
+template <int W, int Rows, int Vecs>
+MS_NSA_INLINE void segments_strip(int64_t M, int64_t n0, const Segment *segments, int64_t segment_count, float *c,
+                                  int64_t ldc) {
+  int64_t m = 0;
+  for (; m + Rows <= M; m += Rows) segments_tile<W, Rows, Vecs>(m, n0, segments, segment_count, c + m * ldc + n0, ldc);
+  for (; m < M; ++m) segments_tile<W, 1, Vecs>(m, n0, segments, segment_count, c + m * ldc + n0, ldc);
+}
+
+// Rows [0, M) by columns [0, N) of C, cut into strips like product().
+template <int W, int Rows, int Vecs>
+MS_NSA_INLINE void segments_product(int64_t M, int64_t N, const Segment *segments, int64_t segment_count, float *c,
+                                    int64_t ldc) {
+  int64_t n = 0;
+  for (; n + Vecs * W <= N; n += Vecs * W) segments_strip<W, Rows, Vecs>(M, n, segments, segment_count, c, ldc);
+  for (; n + W <= N; n += W) segments_strip<W, Rows, 1>(M, n, segments, segment_count, c, ldc);
+  for (; n < N; ++n) segments_strip<1, Rows, 1>(M, n, segments, segment_count, c, ldc);
+}
+
 }  // namespace ms_nsa
 
 #endif  // MS_NSA_NSA_GEMM_H_

@@ -66,16 +66,23 @@ struct Scratch {
   float *value_tile; // [beta, Dv]
   float *acc;        // [G, max(D, Dv)]   O or dQ being accumulated
   float *lane_stats; // [3, Gp]    row max, 1 / row sum, Delta per head
+  float *use_rows;   // [kUseRows, D + Dv]  query / grad rows of a chunk of block uses (half types)
+  Segment *segments; // [2 * kUseRows]      that chunk as segments of the dv and dk products
 };
+
+// Query rows of block uses phase 2 takes per chunk (see accumulate_block).
+constexpr int64_t kUseRows = 128;
 
 inline int64_t scratch_floats(const NsaProblem &p, int64_t gp) {
   const int64_t group = p.q_heads / p.kv_heads, span = p.select_block_count * p.select_block_size;
   const int64_t wide = std::max(p.qk_head_dim, p.v_head_dim);
   return (p.qk_head_dim + p.v_head_dim + span) * gp + 3 * group * wide +
-         p.select_block_size * (p.qk_head_dim + p.v_head_dim) + 3 * gp;
+         (p.select_block_size + kUseRows) * (p.qk_head_dim + p.v_head_dim) + 3 * gp;
 }
 
-inline Scratch carve_scratch(const NsaProblem &p, int64_t gp, float *base) {
+inline int64_t scratch_segments() { return 2 * kUseRows; }
+
+inline Scratch carve_scratch(const NsaProblem &p, int64_t gp, float *base, Segment *segments) {
   const int64_t group = p.q_heads / p.kv_heads, span = p.select_block_count * p.select_block_size;
   const int64_t wide = std::max(p.qk_head_dim, p.v_head_dim), beta = p.select_block_size;
   Scratch s;
@@ -88,6 +95,8 @@ inline Scratch carve_scratch(const NsaProblem &p, int64_t gp, float *base) {
   s.key_tile = s.acc + group * wide;
   s.value_tile = s.key_tile + beta * p.qk_head_dim;
   s.lane_stats = s.value_tile + beta * p.v_head_dim;
+  s.use_rows = s.lane_stats + 3 * gp;
+  s.segments = segments;
   return s;
 }
 
@@ -318,8 +327,10 @@ struct BlockUse {
   int64_t visible;    // rows of the block this query sees
 };
 
-// Phase 2 for one KV block: its uses in (query row, slot) order. probs_t / dscores_t are the tile
-// buffers, [tile row, KV head, C*beta, Gp].
+// Phase 2 for one KV block: dv += P^T dO and dk += dS^T Q over its uses in (query row, slot) order.
+// probs_t / dscores_t are the tile buffers, [tile row, KV head, C*beta, Gp]. The uses go in chunks
+// of up to kUseRows query rows, each chunk one segmented product per output, so the block's dk/dv
+// rows are read and written once per chunk instead of once per use.
 template <int W, int SW>
 MS_NSA_INLINE void accumulate_block(const BackwardArgs &b, int64_t tile_begin, const BlockUse *uses,
                                     int64_t use_count, const float *probs_t, const float *dscores_t,
@@ -327,16 +338,27 @@ MS_NSA_INLINE void accumulate_block(const BackwardArgs &b, int64_t tile_begin, c
   const NsaProblem &p = *b.p;
   const int64_t group = p.q_heads / p.kv_heads, N2 = p.kv_heads, span = p.select_block_count * p.select_block_size;
   const int64_t D = p.qk_head_dim, Dv = p.v_head_dim, gp = padded_group(group, SW);
-  for (int64_t u = 0; u < use_count; ++u) {
-    const BlockUse &use = uses[u];
-    const int64_t head0 = (tile_begin + use.tile_row) * p.q_heads + use.kv_head * group;
-    const int64_t offset = ((use.tile_row * N2 + use.kv_head) * span + use.slot * p.select_block_size) * gp;
-    const float *q = as_float<W>(p, b.query, head0 * D, group * D, s.rows);
-    const float *d_out = as_float<W>(p, b.grad, head0 * Dv, group * Dv, s.rows2);
-    wide_matmul<W, kTileRegs<W>>(use.visible, Dv, group, {probs_t + offset, gp, 1}, d_out, Dv,
-                                 b.dv_acc + (use.block_row * N2 + use.kv_head) * Dv, N2 * Dv);
-    wide_matmul<W, kTileRegs<W>>(use.visible, D, group, {dscores_t + offset, gp, 1}, q, D,
-                                 b.dk_acc + (use.block_row * N2 + use.kv_head) * D, N2 * D);
+  const int64_t chunk = std::max<int64_t>(1, kUseRows / group);
+  const BlockUse &first = uses[0];
+  float *dv_block = b.dv_acc + (first.block_row * N2 + first.kv_head) * Dv;
+  float *dk_block = b.dk_acc + (first.block_row * N2 + first.kv_head) * D;
+  Segment *dv_segments = s.segments, *dk_segments = s.segments + kUseRows;
+  for (int64_t begin = 0; begin < use_count; begin += chunk) {
+    const int64_t count = std::min(chunk, use_count - begin);
+    int64_t rows_reached = 0;
+    for (int64_t u = 0; u < count; ++u) {
+      const BlockUse &use = uses[begin + u];
+      const int64_t head0 = (tile_begin + use.tile_row) * p.q_heads + use.kv_head * group;
+      const int64_t offset = ((use.tile_row * N2 + use.kv_head) * span + use.slot * p.select_block_size) * gp;
+      float *converted = s.use_rows + u * group * (D + Dv);
+      const float *q = as_float<W>(p, b.query, head0 * D, group * D, converted);
+      const float *d_out = as_float<W>(p, b.grad, head0 * Dv, group * Dv, converted + group * D);
+      dv_segments[u] = {{probs_t + offset, gp, 1}, d_out, Dv, group, use.visible};
+      dk_segments[u] = {{dscores_t + offset, gp, 1}, q, D, group, use.visible};
+      rows_reached = std::max(rows_reached, use.visible);
+    }
+    segments_product<W, kTileRegs<W> / 4, 4>(rows_reached, Dv, dv_segments, count, dv_block, N2 * Dv);
+    segments_product<W, kTileRegs<W> / 4, 4>(rows_reached, D, dk_segments, count, dk_block, N2 * D);
   }
 }
 
