@@ -52,6 +52,8 @@ def runs(tmp_path_factory):
     env = dict(os.environ)
     # msrun starts its workers with the first `python` on PATH: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # The workers run examples/train_dp.py (sys.path[0] = examples/): let them import this tree's ms_nsa.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     msrun = Path(sys.executable).parent / "msrun"
     log_dir = out / "logs"
     run([str(msrun), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}", "--join=True",
