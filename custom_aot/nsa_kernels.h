@@ -31,15 +31,18 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <int W>
 constexpr int kTileRegs = W >= 16 ? 16 : 12;
 
-// C (op)= alpha * A B for the score products, whose N is the padded group (a multiple of SW): one
-// vector wide with many rows, or two vectors wide for G > SW.
+// C (op)= alpha * A B for the score products, whose N is the padded group (a multiple of SW), one or
+// two vectors wide. A is a block of key (value) rows with a run-time stride, and each tile row needs
+// its own pointer: more than 8 rows run out of general registers (the pointers spill and reloading
+// them costs more than the extra B loads of a shorter tile).
 template <int SW, int Regs, Update U>
 MS_NSA_INLINE void score_matmul(int64_t M, int64_t N, int64_t K, MatrixA a, const float *b, float *c,
                                 float alpha) {
+  constexpr int kRows = Regs / 2;
   if (N == SW) {
-    product<SW, Regs, 1, U>(M, N, K, a, b, N, c, N, alpha);
+    product<SW, kRows, 1, U>(M, N, K, a, b, N, c, N, alpha);
   } else {
-    product<SW, Regs / 2, 2, U>(M, N, K, a, b, N, c, N, alpha);
+    product<SW, kRows, 2, U>(M, N, K, a, b, N, c, N, alpha);
   }
 }
 
