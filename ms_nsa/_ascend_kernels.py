@@ -32,7 +32,8 @@ from mindspore import Tensor, nn, ops
 from mindspore.ops import CustomRegOp
 from mindspore.ops.composite.multitype_ops.zeros_like_impl import zeros_like
 
-from ._cpu_kernels import _MS_DTYPES, dtype_name, kernel_inputs
+from ._cpu_kernels import kernel_inputs
+from ._dtypes import dtype_name, ms_dtype
 from .op_def import BACKWARD, FORWARD, OpDef, load_op_def
 
 BACKEND = "ascend"
@@ -163,7 +164,7 @@ def _infer(op_def: OpDef, attrs: Mapping[str, Any]):
         named = {arg.name: dtype_name(dtype) for arg, dtype in zip(op_def.args, dtypes)
                  if arg.kind == "tensor" and dtype is not None}
         op_def.check_dtypes(named, BACKEND)
-        return tuple(_MS_DTYPES[dtype] for dtype in op_def.infer_dtypes(named))
+        return tuple(ms_dtype(dtype) for dtype in op_def.infer_dtypes(named))
 
     return infer_shape, infer_dtype
 

@@ -12,11 +12,11 @@ import functools
 import mindspore as ms
 
 from . import _ascend_kernels, _cpu_kernels
+from ._dtypes import dtype_name  # noqa: F401  (re-exported for the API layer)
 
 _BACKENDS = {"CPU": _cpu_kernels, "Ascend": _ascend_kernels}
 
 call_inputs = _cpu_kernels.kernel_inputs
-dtype_name = _cpu_kernels.dtype_name
 
 
 # MindSpore's graph compiler parses plain Python functions into the graph, but runs C-level callables

@@ -17,25 +17,11 @@ from mindspore import ops
 from mindspore.common.api import _pynative_executor
 
 from . import _errors
+from ._dtypes import dtype_name, ms_dtype
 from .op_def import BACKWARD, FORWARD, OpDef, load_op_def
 
 LIBRARY_NAME = "libms_nsa_cpu.so"
 BACKEND = "cpu"
-
-_MS_DTYPE_NAMES = {
-    ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16", ms.float64: "float64",
-    ms.int32: "int32", ms.int64: "int64", ms.int8: "int8", ms.int16: "int16", ms.uint8: "uint8",
-    ms.bool_: "bool",
-}
-_MS_DTYPES = {name: dtype for dtype, name in _MS_DTYPE_NAMES.items()}
-
-
-def dtype_name(dtype) -> str:
-    """'float16' etc. for a MindSpore dtype or a tensor type (what infer callables receive)."""
-    if isinstance(dtype, ms.TensorType):
-        dtype = dtype.element_type()
-    return _MS_DTYPE_NAMES.get(dtype, str(dtype).lower())
-
 
 def library_path() -> str:
     path = Path(__file__).resolve().parent / LIBRARY_NAME
@@ -108,7 +94,7 @@ def _build(op_def: OpDef, attrs: dict, bprop=None) -> _KernelOp:
     def infer_dtype(*dtypes):
         named = {name: dtype_name(d) for name, d in zip(names, dtypes)}
         op_def.check_dtypes(named, BACKEND)
-        return tuple(_MS_DTYPES[dtype] for dtype in op_def.infer_dtypes(named))
+        return tuple(ms_dtype(dtype) for dtype in op_def.infer_dtypes(named))
 
     op = _KernelOp(f"{library_path()}:{op_def.cpu_entry}", out_shape=infer_shape, out_dtype=infer_dtype,
                    func_type="aot", bprop=bprop)
