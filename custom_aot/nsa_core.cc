@@ -50,11 +50,13 @@ using ForwardFn = void (*)(const ForwardArgs &, int64_t t, int64_t n, const Scra
 using BackwardFn = void (*)(const BackwardArgs &, int64_t t, int64_t n, float *, float *, const Scratch &);
 using AccumulateFn = void (*)(const BackwardArgs &, int64_t, const BlockUse *, int64_t, const float *,
                               const float *, const Scratch &);
+using StoreFn = void (*)(DType, const float *, void *, int64_t offset, int64_t count);
 
 struct Kernels {
   ForwardFn forward;
   BackwardFn backward;
   AccumulateFn accumulate;
+  StoreFn store;  // float32 -> the problem's dtype (the half-type dk/dv workspace at the end)
   int score_lanes;
 };
 
@@ -77,7 +79,10 @@ struct Kernels {
                                 const Scratch &s) {                                                       \
     accumulate_block<W, SW>(b, tile_begin, uses, use_count, probs, dscores, s);                           \
   }                                                                                                       \
-  constexpr Kernels kKernels_##NAME = {forward_##NAME, backward_##NAME, accumulate_##NAME, SW};
+  TARGET void store_##NAME(DType dtype, const float *src, void *dst, int64_t offset, int64_t count) {     \
+    store_row_fast<W>(dtype, src, dst, offset, count);                                                    \
+  }                                                                                                       \
+  constexpr Kernels kKernels_##NAME = {forward_##NAME, backward_##NAME, accumulate_##NAME, store_##NAME, SW};
 
 MS_NSA_ENTRY_POINTS(avx512_16, MS_NSA_TARGET_AVX512, 16, 16)
 MS_NSA_ENTRY_POINTS(avx512_8, MS_NSA_TARGET_AVX512, 16, 8)
@@ -262,8 +267,11 @@ NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, c
   }
 
   if (!direct) {
-    store_row(p.dtype, dk_acc, dk, 0, p.kv_tokens * N2 * D);
-    store_row(p.dtype, dv_acc, dv, 0, p.kv_tokens * N2 * Dv);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < p.kv_tokens; ++row) {
+      kernels.store(p.dtype, dk_acc + row * N2 * D, dk, row * N2 * D, N2 * D);
+      kernels.store(p.dtype, dv_acc + row * N2 * Dv, dv, row * N2 * Dv, N2 * Dv);
+    }
   }
   return {};
 }

@@ -255,7 +255,7 @@ MS_NSA_INLINE void forward_item(const ForwardArgs &f, int64_t t, int64_t n, cons
     }
   }
   // A row that sees no key at all: O = 0, max = -inf, sum = 0 (docs/semantics.md).
-  store_row(p.dtype, s.acc, f.attention_out, it.head0 * Dv, group * Dv);
+  store_row_fast<W>(p.dtype, s.acc, f.attention_out, it.head0 * Dv, group * Dv);
   for (int64_t g = 0; g < group; ++g) {
     std::fill_n(f.softmax_max + (it.head0 + g) * kSoftmaxStatWidth, kSoftmaxStatWidth, row_max[g]);
     std::fill_n(f.softmax_sum + (it.head0 + g) * kSoftmaxStatWidth, kSoftmaxStatWidth, row_sum[g]);
@@ -318,7 +318,7 @@ MS_NSA_INLINE void backward_item(const BackwardArgs &b, int64_t t, int64_t n, fl
     }
     wide_matmul<W, kTileRegs<W>>(group, D, visible, {dscores, 1, gp}, keys, ld_key, s.acc, D);
   }
-  store_row(p.dtype, s.acc, b.dq, it.head0 * D, group * D);
+  store_row_fast<W>(p.dtype, s.acc, b.dq, it.head0 * D, group * D);
 }
 
 // One (query row, slot) that selected a KV block, as phase 2 replays it.
