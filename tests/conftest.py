@@ -2,17 +2,9 @@ import os
 import sys
 
 import mindspore as ms
-import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 ms.set_device("CPU")
 
-
-@pytest.fixture(params=["pynative", "graph"])
-def mode(request):
-    """Runs a test in PyNative mode and again in GRAPH_MODE (calls made through a compiled Cell)."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE if request.param == "pynative" else ms.GRAPH_MODE)
-    yield request.param
-    ms.set_context(mode=previous)
+from modes import mode  # noqa: E402,F401  (the fixture)

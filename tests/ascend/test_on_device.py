@@ -11,22 +11,13 @@ import mindspore as ms
 
 import ms_nsa
 from cases import REL_TOL, Case, rel_error, to_numpy
+from modes import mode  # noqa: F401  (the fixture; tests/conftest.py is kept out here)
 from test_forward import CASES
 
 HEAD_DIMS = {"d128": (128, 128), "d192-dv128": (192, 128)}
 ASCEND_CASES = {f"{name}/{dims}": Case(**{**case.__dict__, "head_dim": HEAD_DIMS[dims][0],
                                           "v_head_dim": HEAD_DIMS[dims][1], "data": {}})
                 for name, case in sorted(CASES.items()) for dims in HEAD_DIMS}
-
-
-# tests/conftest.py's `mode` fixture, repeated: that conftest pins the CPU device, so this suite keeps
-# it out (--confcutdir) and cannot import it.
-@pytest.fixture(params=["pynative", "graph"])
-def mode(request):
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE if request.param == "pynative" else ms.GRAPH_MODE)
-    yield request.param
-    ms.set_context(mode=previous)
 
 
 class _Loss(ms.nn.Cell):
