@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 import mindspore as ms
@@ -148,9 +148,3 @@ def int_array(values):
 
 def check_length_tensor(name, function):
     """Length tensors are fine here: the kernels read and check their values on each call."""
-
-
-def output_order(op_def_name: str) -> Tuple[int, ...]:
-    """Positions of the Python return values among the kernel's outputs."""
-    op_def = load_op_def(op_def_name)
-    return tuple(op_def.output_names.index(name) for name in op_def.python["returns"])
