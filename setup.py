@@ -1,7 +1,9 @@
 """ms_nsa: NSA selected attention for MindSpore.
 
 `pip install .` compiles the CPU kernels in custom_aot/ into ms_nsa/lib/libms_nsa_cpu.so, the shared
-library the MindSpore `Custom` ops (func_type="aot") load; nothing is compiled at import time.
+library the MindSpore `Custom` ops (func_type="aot") load, and the Ascend twin's library
+libms_nsa_ascend_twin.so (custom_aot/twin/: stand-ins for CANN's aclnn ops over the same math core, and
+the CPU-convention shim; docs/ascend.md). Nothing is compiled at import time.
 """
 import glob
 import os
@@ -9,7 +11,11 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc", "custom_aot/nsa_aot.cc"]
+CORE_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc"]
+KERNEL_SOURCES = CORE_SOURCES + ["custom_aot/nsa_aot.cc"]
+# One stand-in file per aclnn op (each also declares its CPU entry points) plus the shared shim.
+TWIN_SOURCES = CORE_SOURCES + sorted(glob.glob("custom_aot/twin/*.cc"))
+TWIN_INCLUDES = ["custom_aot", "custom_aot/twin", "ms_nsa/twin_cann/include"]
 KERNEL_FLAGS = [
     "-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra",
     # Portable baseline (no -march): the AVX2 and AVX-512 kernels are separate functions with
@@ -40,7 +46,7 @@ setup(
     description="NSA selected attention (aclnnNsaSelectedAttention and its gradient) for MindSpore",
     packages=["ms_nsa", "ms_nsa.ops_yaml"],
     package_dir={"ms_nsa": "ms_nsa", "ms_nsa.ops_yaml": "ops_yaml"},
-    package_data={"ms_nsa.ops_yaml": ["*.yaml"]},
+    package_data={"ms_nsa.ops_yaml": ["*.yaml"], "ms_nsa": ["twin_cann/include/*/*.h", "twin_cann/opp/README"]},
     include_package_data=True,
     ext_modules=[
         Extension(
@@ -51,7 +57,17 @@ setup(
             extra_compile_args=KERNEL_FLAGS,
             extra_link_args=["-fopenmp"],
             language="c++",
-        )
+        ),
+        Extension(
+            "ms_nsa.libms_nsa_ascend_twin",
+            sources=TWIN_SOURCES,
+            include_dirs=TWIN_INCLUDES,
+            depends=sorted(glob.glob("custom_aot/*.h") + glob.glob("custom_aot/twin/*.h")
+                           + glob.glob("ms_nsa/twin_cann/include/*/*.h")),
+            extra_compile_args=KERNEL_FLAGS,
+            extra_link_args=["-fopenmp", "-ldl"],
+            language="c++",
+        ),
     ],
     cmdclass={"build_ext": BuildKernelLibrary},
     python_requires=">=3.9",

@@ -103,7 +103,7 @@ NsaError build_problem(const Layout &at, int nparam, int *ndims, int64_t **shape
   p->select_block_size = attrs->select_block_size;
   p->select_block_count = attrs->select_block_count;
   p->scale_value = attrs->scale_value;
-  p->causal = attrs->sparse_mode == 2;
+  p->mask = attrs->sparse_mode == 2 ? ms_nsa::MaskRule::kCausal : ms_nsa::MaskRule::kNone;
   // The Python layer checks all of this against ops_yaml/ before the op is built; these guard the
   // pointer arithmetic below should the kernel ever be called some other way.
   const bool consistent =

@@ -14,6 +14,16 @@ namespace ms_nsa {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Which keys of the selection a query row sees. kCausal is ms_nsa's rule (docs/semantics.md); the
+// kCann* rules reproduce what CANN's kernels do, for the aclnn stand-in of the Ascend twin
+// (custom_aot/twin/, docs/semantics.md "Where the backends agree").
+enum class MaskRule : int {
+  kNone = 0,          // sparse_mode 0
+  kCausal = 1,        // sparse_mode 2: key position p > query position s is masked
+  kCannForward = 2,   // the same keys as kCausal, but a row that sees none averages all it selected
+  kCannBackward = 3,  // by slot: the slot holding the own block is cut at the diagonal, later slots masked
+};
+
 // Everything that fixes the problem, except the tensor data. Layout TND throughout:
 //   query [q_tokens, q_heads, qk_head_dim], key [kv_tokens, kv_heads, qk_head_dim],
 //   value [kv_tokens, kv_heads, v_head_dim], topk_indices [q_tokens, kv_heads, select_block_count],
@@ -31,7 +41,7 @@ struct NsaProblem {
   int64_t select_block_size = 0;           // beta
   int64_t select_block_count = 0;          // C
   float scale_value = 1.0f;
-  bool causal = false;                     // sparse_mode 2: key position p > query position s is masked
+  MaskRule mask = MaskRule::kNone;
   DType dtype = DType::kFloat32;
 };
 

@@ -26,11 +26,32 @@ inline QueryRow locate_query_row(const NsaProblem &p, int64_t t) {
   return {b, kv_begin, t - q_begin};
 }
 
-// The one place the mask lives, shared by forward and backward: how many leading rows of the
-// selected block starting at batch-local key position `block_start` a query at `position` may see.
-inline int64_t visible_rows(const NsaProblem &p, int64_t position, int64_t block_start) {
-  if (!p.causal) return p.select_block_size;
-  return std::clamp<int64_t>(position - block_start + 1, 0, p.select_block_size);
+// The one place the mask lives, shared by forward and backward: how many leading rows of the block
+// in `slot` of a row's selection `blocks` the query at batch-local `position` may see.
+inline int64_t visible_rows(const NsaProblem &p, int64_t position, const int32_t *blocks, int64_t slot) {
+  const int64_t beta = p.select_block_size, span = beta * p.select_block_count;
+  const int64_t diagonal = position - int64_t{blocks[slot]} * beta + 1;
+  switch (p.mask) {
+    case MaskRule::kNone:
+      return beta;
+    case MaskRule::kCausal:
+    case MaskRule::kCannForward:  // HandleMask: blocks after the own block masked, the own one cut
+      return std::clamp<int64_t>(diagonal, 0, beta);
+    case MaskRule::kCannBackward: {
+      // CalAttenMsk (nsa_vec_op.h): the last slot holding the own block is cut at the diagonal;
+      // while position + 1 < beta * C every later slot is masked, earlier slots never are. Without
+      // the own block the whole row is masked while position + 1 <= beta * C.
+      int64_t own = -1;
+      for (int64_t i = 0; i < p.select_block_count; ++i) {
+        if (blocks[i] == position / beta) own = i;
+      }
+      if (own < 0) return position + 1 <= span ? 0 : beta;
+      if (slot < own) return beta;
+      if (slot == own) return std::clamp<int64_t>(diagonal, 0, beta);
+      return position + 1 < span ? 0 : beta;
+    }
+  }
+  return beta;
 }
 
 }  // namespace ms_nsa

@@ -154,7 +154,7 @@ struct Item {
     return int64_t{blocks[slot]} * p.select_block_size;
   }
   int64_t visible(const NsaProblem &p, int64_t slot) const {
-    return visible_rows(p, row.position, block_start(p, slot));
+    return visible_rows(p, row.position, blocks, slot);
   }
   int64_t first_kv_row(const NsaProblem &p, int64_t slot) const { return row.kv_begin + block_start(p, slot); }
 };
@@ -254,7 +254,24 @@ MS_NSA_INLINE void forward_item(const ForwardArgs &f, int64_t t, int64_t n, cons
       for (int64_t e = 0; e < Dv; ++e) s.acc[g * Dv + e] *= inv;
     }
   }
-  // A row that sees no key at all: O = 0, max = -inf, sum = 0 (docs/semantics.md).
+  if (!any_visible && p.mask == MaskRule::kCannForward) {
+    // CANN fills masked scores with -FLT_MAX, not -inf: a row that sees nothing gets equal weights
+    // on everything it selected (docs/semantics.md, "Where the backends agree").
+    for (int64_t i = 0; i < count; ++i) {
+      int64_t ld_value = 0;
+      const float *values = kv_rows<W>(p, f.value, Dv, it.first_kv_row(p, i), n, beta, s.value_tile, &ld_value);
+      for (int64_t r = 0; r < beta; ++r) {
+        for (int64_t e = 0; e < Dv; ++e) s.acc[e] += values[r * ld_value + e];
+      }
+    }
+    for (int64_t e = 0; e < Dv; ++e) s.acc[e] /= static_cast<float>(span);
+    for (int64_t g = 0; g < group; ++g) {
+      if (g > 0) std::copy(s.acc, s.acc + Dv, s.acc + g * Dv);
+      row_max[g] = -std::numeric_limits<float>::max();
+      row_sum[g] = static_cast<float>(span);
+    }
+  }
+  // A row that sees no key at all (ms_nsa's rule): O = 0, max = -inf, sum = 0 (docs/semantics.md).
   store_row_fast<W>(p.dtype, s.acc, f.attention_out, it.head0 * Dv, group * Dv);
   for (int64_t g = 0; g < group; ++g) {
     std::fill_n(f.softmax_max + (it.head0 + g) * kSoftmaxStatWidth, kSoftmaxStatWidth, row_max[g]);

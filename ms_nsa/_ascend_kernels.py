@@ -1,36 +1,47 @@
 """The Ascend backend: MindSpore `Custom` ops (func_type="aot") over CANN's aclnnNsaSelectedAttention and
-aclnnNsaSelectedAttentionGrad. Nothing in this file has been run on an NPU (see docs/ascend.md).
+aclnnNsaSelectedAttentionGrad. Nothing in this file has been run on an NPU; on a CPU, the Ascend twin
+(MS_NSA_BACKEND=ascend_twin, docs/ascend.md) compiles and differentiates these very ops with MindSpore and
+runs them against a stand-in for the aclnn library.
 
 How MindSpore 2.10 turns `ops.Custom(func="aclnnXxx", func_type="aot", reg_info=...)` into an aclnn call
 (mindspore/ops/operations/custom_ops.py, _custom_ops_utils.py, and the Ascend kernel CustomV2AclnnKernelMod):
 
-* It parses the prototype of aclnnXxxGetWorkspaceSize from $ASCEND_OPP_PATH/../include/aclnnop/aclnn_xxx.h
-  and generates a small C++ callback that casts its `inputs` vector element i to the type of parameter i.
-  The same type list becomes the primitive attribute `custom_inputs_type`, by which the kernel converts
-  its i-th input (Tensor or None -> aclTensor*, tuple of ints -> aclIntArray*, str -> char*, ...).
-* So what reaches aclnn is the primitive's call arguments, position by position. ms_nsa calls the
-  primitive with every aclnn parameter, in the yaml's order, which is the prototype's order.
-* reg_info only has to agree: its inputs + attrs + outputs must count as many as the prototype, and
-  when the header is missing MindSpore derives the types from reg_info instead, inputs first, then
-  attrs. reg_info therefore declares as inputs the leading tensors of the prototype and everything
-  after the first non-tensor as attrs, in prototype order; a tensor among them (the gradient's
-  attenMaskOptional, after the two aclIntArray) is an attr of type "tensor", which MindSpore maps to
-  aclTensor*. Then reg_info order = prototype order = call order, whichever way MindSpore reads it.
+* It parses the prototype of aclnnXxxGetWorkspaceSize from the CANN header and generates a small C++
+  callback that casts element i of its `inputs` vector to the type of parameter i; the type list becomes
+  the primitive attribute `custom_inputs_type`, by which the kernel converts its i-th input (Tensor or
+  None -> aclTensor*, tuple of ints -> aclIntArray*, float -> double, int -> int64_t, str -> char*).
+* The kernel builds that vector from the graph node's inputs, so every aclnn argument must still be a
+  node input after the backend passes. reg_info therefore declares **every** aclnn parameter as an
+  input, in prototype order, and no attrs: `Custom._save_attr` puts every value-less reg_info attr into
+  `attr_names`, and the pass CustomOpConstInputToAttr deletes each constant call input of such a name
+  (measured: 13 -> 5 forward inputs, 17 -> 8 for the gradient). ms_nsa calls the primitive with every
+  aclnn argument in the yaml's order, which is the prototype's order.
 * PyNative calls a Custom aclnn op through pyboost, whose kernel exists only for up to 12 inputs +
   outputs (the forward has 16, the gradient 20). Graph mode uses CustomV2AclnnKernelMod, which has no
   such limit. The ops are therefore always called from a compiled Cell (`ms.jit` construct), also in
   PyNative.
+* The bprop has an explicit signature (the forward's arguments, then out, dout): MindSpore's bprop
+  parser rejects `*args`.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
-from typing import Any, Dict, List, Mapping, Tuple
+import glob
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
-from mindspore.ops import CustomRegOp
+from mindspore.ops import CustomRegOp, DataType
 from mindspore.ops.composite.multitype_ops.zeros_like_impl import zeros_like
+from mindspore.ops.operations import custom_ops
+from mindspore.ops.operations._custom_ops_utils import CustomCodeGenerator, CustomInfoGenerator
 
 from ._cpu_kernels import kernel_inputs
 from ._dtypes import dtype_name, ms_dtype
@@ -39,11 +50,14 @@ from .op_def import BACKWARD, FORWARD, OpDef, load_op_def
 BACKEND = "ascend"
 INPUT_LAYOUT = "TND"
 
-# How each yaml kind appears in the aclnn prototype, and as the value type of a CustomRegOp attr
-# (CustomCodeGenerator._get_type_declaration maps these back to the prototype types).
+# How each yaml kind appears in the aclnn prototype.
 ACLNN_TYPES = {"tensor": "aclTensor*", "int_array": "aclIntArray*", "float": "double", "int": "int64_t",
                "str": "char*"}
-REG_INFO_ATTR_TYPES = {"tensor": "tensor", "int_array": "listInt", "float": "double", "int": "int", "str": "str"}
+# The dtype_format entry of each non-tensor kind (what MindSpore's graph carries for such an input).
+# A str has no tensor dtype; on the CPU the twin passes it as a tuple of character codes (see TWIN).
+REG_INFO_SCALAR_DTYPES = {"int_array": DataType.I64_Default, "float": DataType.F32_Default,
+                          "int": DataType.I64_Default, "str": DataType.None_None}
+TWIN_REG_INFO_SCALAR_DTYPES = dict(REG_INFO_SCALAR_DTYPES, str=DataType.I64_Default)
 
 # The causal mask given to both passes when sparse_mode = 2. CANN's kernels never read its contents:
 # the forward only checks that it is 2-D and bool/uint8 and then applies the causal mask (without it,
@@ -66,51 +80,180 @@ def prototype_types(op_def: OpDef) -> List[str]:
             + ["uint64_t*", "aclOpExecutor**"])
 
 
-def _tensor_dtype(op_def: OpDef, name: str, primary: str) -> str:
-    """The dtype of a tensor (argument or output) in the reg_info row whose first tensor is `primary`."""
-    rule = (op_def.arg(name).resolved(BACKEND)["dtype"] if name not in op_def.output_names
-            else dict(op_def.outputs)[name]["dtype"])
+def _tensor_dtypes(op_def: OpDef, name: str, primary: str) -> List[Tuple[str, str]]:
+    """The dtype_format entries a tensor (argument or output) may take in the row whose first tensor is
+    `primary`; an optional tensor may also be absent."""
+    if name in op_def.output_names:
+        rule = dict(op_def.outputs)[name]["dtype"]
+    else:
+        rule = op_def.arg(name).resolved(BACKEND)["dtype"]
     if isinstance(rule, dict):
-        return _tensor_dtype(op_def, rule["same_as"], primary)
-    if isinstance(rule, str):
-        return rule
-    return primary if primary in rule else rule[0]
+        return _tensor_dtypes(op_def, rule["same_as"], primary)
+    choices = [rule] if isinstance(rule, str) else ([primary] if primary in rule else list(rule))
+    entries = [(dtype, "DefaultFormat") for dtype in choices]
+    if name not in op_def.output_names and op_def.arg(name).optional:
+        entries.append(DataType.None_None)
+    return entries
 
 
-def reg_info(op_def: OpDef) -> Dict[str, Any]:
-    """A fresh reg_info (MindSpore rewrites parts of it when it registers the op)."""
+def reg_info(op_def: OpDef, twin: bool = False) -> Dict[str, Any]:
+    """A fresh reg_info: every aclnn parameter an input, in prototype order; no attrs (see the module doc).
+
+    The dtype_format rows name what each input carries; the CPU target's kernel selection checks them
+    (the twin), the Ascend one is not known to. The twin differs only in its target and in the str row.
+    """
     reg = CustomRegOp(op_def.aclnn)
-    input_names = []
-    for arg in op_def.args:
-        param_type = "optional" if arg.optional else "required"
-        if arg.kind == "tensor" and len(input_names) == op_def.args.index(arg):
-            reg.input(len(input_names), arg.name, param_type)
-            input_names.append(arg.name)
-        else:
-            reg.attr(arg.name, param_type, REG_INFO_ATTR_TYPES[arg.kind])
+    scalar_rows = TWIN_REG_INFO_SCALAR_DTYPES if twin else REG_INFO_SCALAR_DTYPES
+    for index, arg in enumerate(op_def.args):
+        reg.input(index, arg.name, "optional" if arg.optional else "required")
     for index, name in enumerate(op_def.output_names):
         reg.output(index, name, "required")
-    first_tensor = op_def.tensor_args[0]
-    for primary in first_tensor.resolved(BACKEND)["dtype"]:
-        reg.dtype_format(*[(_tensor_dtype(op_def, name, primary), "DefaultFormat")
-                           for name in input_names + op_def.output_names])
-    return reg.target("Ascend").get_op_info()
+    for primary in op_def.tensor_args[0].resolved(BACKEND)["dtype"]:
+        per_position = [_tensor_dtypes(op_def, arg.name, primary) if arg.kind == "tensor"
+                        else [scalar_rows[arg.kind]] for arg in op_def.args]
+        per_position += [_tensor_dtypes(op_def, name, primary) for name in op_def.output_names]
+        for row in _combinations(per_position):
+            reg.dtype_format(*row)
+    return reg.target("CPU" if twin else "Ascend").get_op_info()
 
 
-def check_cann_prototype(op_def: OpDef) -> None:
-    """Compares the installed CANN's prototype (read by MindSpore's own parser) with the yaml."""
-    from mindspore.ops.operations._custom_ops_utils import CustomInfoGenerator
-    found = CustomInfoGenerator(op_def.aclnn).get_aclnn_api_types()
+def _combinations(choices):
+    rows = [()]
+    for options in choices:
+        rows = [row + (option,) for row in rows for option in options]
+    return rows
+
+
+# -- finding the prototype --------------------------------------------------------------------------
+# MindSpore looks for aclnn_<op>.h under $ASCEND_CUSTOM_OPP_PATH/op_api/include/,
+# $ASCEND_OPP_PATH/vendors/<name>/op_api/include/ and $ASCEND_OPP_PATH/../include/aclnnop/. A vendor-built
+# ops-transformer installs into vendors/<name>/op_api/include/aclnnop/, which it misses; so ms_nsa also
+# looks there, and in the directory MS_NSA_ACLNN_INCLUDE names (the one holding the header).
+ACLNN_INCLUDE_ENV = "MS_NSA_ACLNN_INCLUDE"
+
+
+def _header_directories() -> List[str]:
+    directories = []
+    if os.environ.get(ACLNN_INCLUDE_ENV):
+        directories.append(os.environ[ACLNN_INCLUDE_ENV])
+    opp = os.environ.get("ASCEND_OPP_PATH")
+    if opp:
+        directories += sorted(glob.glob(os.path.join(opp, "vendors", "*", "op_api", "include", "aclnnop")))
+    return directories
+
+
+def find_prototype(aclnn_name: str) -> Tuple[List[str], Optional[str]]:
+    """(the parameter types, the directory) of aclnn_name's GetWorkspaceSize; ([], None) if not found.
+
+    MindSpore's own lookup and parser first; then MindSpore's parser on the directories it misses.
+    """
+    if os.environ.get("ASCEND_OPP_PATH") or os.environ.get("ASCEND_CUSTOM_OPP_PATH"):
+        found = CustomInfoGenerator(aclnn_name).get_aclnn_api_types()
+        if found:
+            return found, None
+    for directory in _header_directories():
+        generator = CustomInfoGenerator(aclnn_name)
+        if generator._get_aclnn_api_from_file(directory):  # pylint: disable=protected-access
+            generator._get_aclnn_api_params = lambda: None  # pylint: disable=protected-access
+            return generator.get_aclnn_api_types(), directory
+    return [], None
+
+
+def check_cann_prototype(op_def: OpDef) -> Optional[List[str]]:
+    """Compares the installed CANN's prototype (read by MindSpore's own parser) with the yaml.
+
+    Returns the types when they were found somewhere MindSpore does not look (then the callback must be
+    regenerated from them), else None.
+    """
+    found, directory = find_prototype(op_def.aclnn)
     if not found:
-        raise RuntimeError(f"{op_def.python['function']}: MindSpore found no prototype of "
-                           f"{op_def.aclnn}GetWorkspaceSize (header aclnnop/aclnn_*.h under "
-                           f"$ASCEND_OPP_PATH/../include); install a CANN with the NSA ops and source its "
-                           f"set_env.sh (docs/ascend.md)")
+        raise RuntimeError(f"{op_def.python['function']}: found no prototype of {op_def.aclnn}GetWorkspaceSize "
+                           f"(header aclnnop/{CustomInfoGenerator._get_aclnn_api_file_name(op_def.aclnn)}) under "
+                           f"$ASCEND_OPP_PATH/../include, $ASCEND_OPP_PATH/vendors/*/op_api/include or "
+                           f"${ACLNN_INCLUDE_ENV}; install a CANN with the NSA ops and source its set_env.sh, or "
+                           f"set {ACLNN_INCLUDE_ENV} to the directory holding the header (docs/ascend.md)")
     expected = prototype_types(op_def)
     if found != expected:
         raise RuntimeError(f"{op_def.python['function']}: the installed CANN declares {op_def.aclnn}"
                            f"GetWorkspaceSize({', '.join(found)}), but ms_nsa passes "
                            f"({', '.join(expected)}); this CANN version is not supported")
+    return found if directory else None
+
+
+# -- where the generated callbacks are compiled -----------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def callback_directory() -> str:
+    """A directory of this process's own for MindSpore's generated callbacks.
+
+    MindSpore writes and compiles each callback at a fixed path under MS_COMPILER_CACHE_PATH (default
+    ./custom_kernel_meta/) without a lock, and loads it later, at kernel launch: ranks of one host
+    building the same op at once would overwrite each other's library. Here every process gets its own
+    directory (host and pid), removed when the process exits.
+    """
+    base = os.environ.get("MS_COMPILER_CACHE_PATH") or "./custom_kernel_meta/"
+    directory = Path(base).resolve() / "ms_nsa_callbacks" / f"{socket.gethostname()}-{os.getpid()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    atexit.register(shutil.rmtree, str(directory), True)
+    return str(directory) + os.sep
+
+
+@contextlib.contextmanager
+def _environment(**values):
+    """Sets (or with None, removes) environment variables for the duration of the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# -- the Ascend twin --------------------------------------------------------------------------------
+TWIN_LIBRARY = "libms_nsa_ascend_twin.so"
+TWIN_CANN = Path(__file__).resolve().parent / "twin_cann"
+
+
+def twin_library() -> str:
+    path = Path(__file__).resolve().parent / TWIN_LIBRARY
+    if not path.is_file():
+        raise ImportError(f"ms_nsa's Ascend twin library {path} is missing: install the package with "
+                          f"`pip install .` (or `pip install -e .`), which compiles custom_aot/twin/")
+    return str(path)
+
+
+def twin_entry(op_def: OpDef) -> str:
+    """The twin's CPU entry point of an aclnn op (declared with MS_NSA_TWIN_ENTRY in its stand-in file)."""
+    return "Twin" + op_def.aclnn[len("aclnn"):]
+
+
+def _attach_generated_callback(op: ops.Custom, op_def: OpDef) -> None:
+    """What Custom.__init__ does for an aclnn op on Ascend (_generate_get_workspace_size_func), for a twin op.
+
+    MindSpore's own header lookup and parser (CustomInfoGenerator) read the twin's stand-in CANN tree,
+    its own CustomCodeGenerator writes the callback and its own _compile_aot compiles it; the result is
+    set as the same primitive attributes. The shim reads two more: the types joined into one string
+    (the CPU kernel's attribute reader has no list-of-str) and the output count.
+    """
+    with _environment(ASCEND_OPP_PATH=str(TWIN_CANN / "opp"), ASCEND_CUSTOM_OPP_PATH=None,
+                      CPLUS_INCLUDE_PATH=str(TWIN_CANN / "include")):
+        types = CustomInfoGenerator(op_def.aclnn).get_aclnn_api_types()
+        code = CustomCodeGenerator().generate_callback_by_types(op_def.aclnn, op.reg_info, types)
+        path = Path(custom_ops._get_cache_path()) / op_def.aclnn / f"{op_def.aclnn}_callback.cc"  # noqa: SLF001
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(code, encoding="utf-8")
+        library = custom_ops._compile_aot(str(path.resolve()))  # pylint: disable=protected-access
+    op.add_prim_attr("custom_callback_func", f"{library}:{op_def.aclnn}")
+    op.add_prim_attr("custom_inputs_type", types[:-2])
+    op.add_prim_attr("ms_nsa_twin_inputs_type", ",".join(types[:-2]))
+    op.add_prim_attr("ms_nsa_twin_outputs", len(op_def.outputs))
 
 
 # -- the ops ----------------------------------------------------------------------------------------
@@ -122,10 +265,12 @@ def _check_attrs(op_def: OpDef, scale_value, head_num, sparse_mode, select_block
                                    select_block_count=select_block_count), BACKEND)
 
 
-def _fixed_arguments(op_def: OpDef, attrs: Mapping[str, Any]) -> Dict[str, Any]:
+def _fixed_arguments(op_def: OpDef, attrs: Mapping[str, Any], twin: bool) -> Dict[str, Any]:
     """The aclnn arguments that are not call inputs: the mask and the scalars."""
     fixed = {name: float(value) if op_def.arg(name).kind == "float" else value for name, value in attrs.items()}
-    fixed["input_layout"] = INPUT_LAYOUT
+    # MindSpore's CPU pipeline turns every scalar input of a kernel into a 0-d tensor, and a str has no
+    # tensor dtype; the twin passes the characters instead, and its shim rebuilds the char*.
+    fixed["input_layout"] = tuple(map(ord, INPUT_LAYOUT)) if twin else INPUT_LAYOUT
     fixed["atten_mask"] = causal_mask() if attrs["sparse_mode"] == 2 else None
     return fixed
 
@@ -162,17 +307,31 @@ def _infer(op_def: OpDef, attrs: Mapping[str, Any]):
 
     def infer_dtype(*dtypes):
         named = {arg.name: dtype_name(dtype) for arg, dtype in zip(op_def.args, dtypes)
-                 if arg.kind == "tensor" and dtype is not None}
+                 if arg.kind == "tensor" and dtype is not None and _is_tensor_type(dtype)}
         op_def.check_dtypes(named, BACKEND)
         return tuple(ms_dtype(dtype) for dtype in op_def.infer_dtypes(named))
 
     return infer_shape, infer_dtype
 
 
-def _custom(op_def: OpDef, attrs: Mapping[str, Any], bprop=None) -> ops.Custom:
+def _is_tensor_type(dtype) -> bool:
+    return isinstance(dtype, ms.TensorType) or dtype in ms.dtype.all_types
+
+
+def _custom(op_def: OpDef, attrs: Mapping[str, Any], twin: bool, bprop=None) -> ops.Custom:
     infer_shape, infer_dtype = _infer(op_def, attrs)
-    return ops.Custom(op_def.aclnn, out_shape=infer_shape, out_dtype=infer_dtype, func_type="aot",
-                      bprop=bprop, reg_info=reg_info(op_def))
+    with _environment(MS_COMPILER_CACHE_PATH=callback_directory()):
+        if twin:
+            op = ops.Custom(f"{twin_library()}:{twin_entry(op_def)}", out_shape=infer_shape, out_dtype=infer_dtype,
+                            func_type="aot", bprop=bprop, reg_info=reg_info(op_def, twin=True))
+            _attach_generated_callback(op, op_def)
+            return op
+        vendor_types = check_cann_prototype(op_def)
+        op = ops.Custom(op_def.aclnn, out_shape=infer_shape, out_dtype=infer_dtype, func_type="aot",
+                        bprop=bprop, reg_info=reg_info(op_def))
+        if vendor_types:   # MindSpore found no header and typed the callback from reg_info: redo it
+            op._generate_get_worspace_size_func_by_types(vendor_types)  # pylint: disable=protected-access
+        return op
 
 
 @functools.lru_cache(maxsize=1024)  # a C-level callable: graph mode calls it at compile time
@@ -192,6 +351,16 @@ def _check_batches(function, block_size, block_count, cu_seq_q, cu_seq_kv):
         q_begin, kv_begin = q_end, kv_end
 
 
+def sort_rows(topk_indices):
+    """Each row's block indices in ascending order (exact: indices < 2**24 are exact in float32).
+
+    The math (spec §3) sums over the selection, so the order changes nothing there; CANN's backward
+    masks by slot order and agrees with its forward and with the CPU backend only on sorted rows
+    (docs/semantics.md, "Where the backends agree").
+    """
+    return ops.sort(topk_indices.astype(ms.float32), axis=-1)[0].astype(ms.int32)
+
+
 class AclnnCall(nn.Cell):
     """Calls one aclnn Custom primitive with the backend-independent call inputs (see _backend).
 
@@ -199,73 +368,61 @@ class AclnnCall(nn.Cell):
     handles at most 12 arguments + outputs, its graph path any number.
     """
 
-    def __init__(self, primitive: ops.Custom, op_def: OpDef, attrs: Mapping[str, Any]):
+    def __init__(self, primitive: ops.Custom, op_def: OpDef, attrs: Mapping[str, Any], twin: bool):
         super().__init__()
         self.primitive = primitive
-        self.plan = call_plan(op_def, _fixed_arguments(op_def, attrs))
+        self.plan = call_plan(op_def, _fixed_arguments(op_def, attrs, twin))
         inputs = kernel_inputs(op_def)
         self.lengths = (inputs.index("actual_seq_qlen"), inputs.index("actual_seq_kvlen"))
+        self.topk = inputs.index("topk_indices")
         self.batch_rule = (op_def.python["function"], attrs["select_block_size"], attrs["select_block_count"])
 
     @ms.jit
     def construct(self, *inputs):
         function, block_size, block_count = self.batch_rule
         _check_batches(function, block_size, block_count, inputs[self.lengths[0]], inputs[self.lengths[1]])
+        inputs = inputs[:self.topk] + (sort_rows(inputs[self.topk]),) + inputs[self.topk + 1:]
         return self.primitive(*aclnn_arguments(self.plan, inputs))
 
 
 # lru_cache objects, as on the CPU: graph mode runs them at compile time instead of parsing them.
 @functools.lru_cache(maxsize=None, typed=True)
-def grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count) -> AclnnCall:
+def grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count, twin=False) -> AclnnCall:
     op_def = load_op_def(BACKWARD)
     attrs = _check_attrs(op_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
-    check_cann_prototype(op_def)
-    return AclnnCall(_custom(op_def, attrs), op_def, attrs)
+    return AclnnCall(_custom(op_def, attrs, twin), op_def, attrs, twin)
 
 
-# The forward arguments that get gradients, in the order of the gradient's outputs (dq, dk, dv).
-DIFFERENTIABLE = ("query", "key", "value")
+def make_bprop(grad_primitive):
+    """The forward primitive's bprop: the gradient primitive, in its own aclnn order.
 
-
-def make_bprop(forward_def: OpDef, grad_def: OpDef, grad_primitive):
-    """The forward primitive's bprop: the gradient primitive, fed by name from the forward's arguments.
-
-    Gradients flow into query, key and value; softmax_max/softmax_sum are not differentiated and every
-    other argument (indices, mask, lengths, scalars) gets a zero of its own kind.
+    MindSpore's bprop parser needs named parameters, the primitive's inputs (the forward's aclnn
+    arguments, in order) then out and dout. Gradients flow into query, key and value; softmax_max and
+    softmax_sum are not differentiated and every other input gets a zero of its own kind.
     """
-    forward_names = [arg.name for arg in forward_def.args]
-    output_names = forward_def.output_names
-    # The gradient's arguments come from the forward's arguments, its outputs and the incoming gradient
-    # of attention_out (the gradient op's `grad`).
-    available = forward_names + output_names + ["grad"]
-    grad_plan = tuple((True, available.index(arg.name)) for arg in grad_def.args)
-    attention_out = output_names.index("attention_out")
-    gradient_of = tuple(DIFFERENTIABLE.index(name) if name in DIFFERENTIABLE else -1 for name in forward_names)
 
-    def bprop(*args):
-        forward_arguments, out, dout = args[:-2], args[-2], args[-1]
-        values = forward_arguments + out + (dout[attention_out],)
-        gradients = grad_primitive(*aclnn_arguments(grad_plan, values))
-        result = ()
-        for position in range(len(gradient_of)):
-            if gradient_of[position] >= 0:
-                result = result + (gradients[gradient_of[position]],)
-            else:
-                result = result + (zeros_like(forward_arguments[position]),)
-        return result
+    def bprop(query, key, value, topk_indices, atten_mask, actual_seq_qlen, actual_seq_kvlen, scale_value,
+              head_num, input_layout, sparse_mode, select_block_size, select_block_count, out, dout):
+        softmax_max, softmax_sum, attention_out = out
+        dq, dk, dv = grad_primitive(query, key, value, attention_out, dout[2], softmax_max, softmax_sum,
+                                    topk_indices, actual_seq_qlen, actual_seq_kvlen, atten_mask, scale_value,
+                                    select_block_size, select_block_count, head_num, input_layout, sparse_mode)
+        return (dq, dk, dv, zeros_like(topk_indices), zeros_like(atten_mask), zeros_like(actual_seq_qlen),
+                zeros_like(actual_seq_kvlen), zeros_like(scale_value), zeros_like(head_num),
+                zeros_like(input_layout), zeros_like(sparse_mode), zeros_like(select_block_size),
+                zeros_like(select_block_count))
 
     return bprop
 
 
 @functools.lru_cache(maxsize=None, typed=True)
-def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count) -> AclnnCall:
-    forward_def, grad_def = load_op_def(FORWARD), load_op_def(BACKWARD)
+def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count, twin=False) -> AclnnCall:
+    forward_def = load_op_def(FORWARD)
     attrs = _check_attrs(forward_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
     backward = grad_op(*(attrs[name] for name in ("scale_value", "head_num", "sparse_mode",
-                                                  "select_block_size", "select_block_count")))
-    check_cann_prototype(forward_def)
-    bprop = make_bprop(forward_def, grad_def, backward.primitive)
-    return AclnnCall(_custom(forward_def, attrs, bprop=bprop), forward_def, attrs)
+                                                  "select_block_size", "select_block_count")), twin=twin)
+    bprop = make_bprop(backward.primitive)
+    return AclnnCall(_custom(forward_def, attrs, twin, bprop=bprop), forward_def, attrs, twin)
 
 
 def int_array(values) -> Tuple[int, ...]:
