@@ -59,13 +59,17 @@ class NativeSparseAttention(nn.Cell):
             "window"); default all three. ("window",) is a sliding-window-only baseline. The selected
             branch needs the compressed one (its block scores).
         init_std (float): standard deviation of the normal weight initialisation.
+        select_dtype (mindspore dtype, optional): the dtype the selected-attention op runs in (its
+            inputs are cast to it and its output back to float32); None runs it in float32. On
+            Ascend give ms.float16 or ms.bfloat16: CANN's op takes no float32.
 
     Inputs:
         x (Tensor): [T, hidden_size] float32 (the CPU backend has no bfloat16 matmul), T a multiple
             of select_block_size.
-        actual_seq_len (Tensor, optional): 1-D int32/int64 cumulative sequence lengths, last = T
-            (e.g. lengths 256, 512 -> [256, 768]); None means one sequence. Being a Tensor, its values
-            may change from step to step without recompiling a graph.
+        actual_seq_len (Tensor, tuple or list, optional): cumulative sequence lengths (1-D int32/int64
+            if a Tensor), last = T (e.g. lengths 256, 512 -> [256, 768]); None means one sequence. A
+            Tensor's values may change from step to step without recompiling a graph; on Ascend pass
+            a tuple (CANN takes the lengths as host integers).
 
     Outputs:
         Tensor [T, hidden_size].
@@ -73,7 +77,7 @@ class NativeSparseAttention(nn.Cell):
 
     def __init__(self, hidden_size, head_num, kv_head_num, head_dim, select_block_size=64,
                  select_block_count=16, window_size=512, value_head_dim=None, branches=BRANCHES,
-                 init_std=0.02):
+                 init_std=0.02, select_dtype=None):
         super().__init__()
         unknown = [b for b in branches if b not in BRANCHES]
         if unknown or not branches or len(set(branches)) != len(tuple(branches)):
@@ -98,6 +102,7 @@ class NativeSparseAttention(nn.Cell):
         self.use_selected = "selected" in branches
         self.use_window = "window" in branches
         self.scale = head_dim ** -0.5
+        self.select_dtype = select_dtype
 
         def weight(name, *shape):
             return Parameter(initializer(Normal(init_std), shape, ms.float32), name=name)
@@ -140,7 +145,7 @@ class NativeSparseAttention(nn.Cell):
             branch_outs += (compressed_out,)
             if self.use_selected:
                 topk_indices = self.select_blocks(block_probs, seq)
-                branch_outs += (self.selected(q, *self._kv_slot(kv, 1), topk_indices, seq),)
+                branch_outs += (self.selected(q, *self._kv_slot(kv, 1), topk_indices, seq, actual_seq_len),)
         if self.use_window:
             branch_outs += (self.window(q, *self._kv_slot(kv, len(self.branches) - 1), seq),)
         out = gates[:, :, :, 0] * branch_outs[0]
@@ -191,12 +196,16 @@ class NativeSparseAttention(nn.Cell):
         _, chosen = ops.topk(rank, self.block_count)                               # global block numbers
         return (chosen.astype(ms.int32) - first_block.reshape(tokens, 1, 1)).astype(ms.int32)
 
-    def selected(self, q, key, value, topk_indices, seq):
+    def selected(self, q, key, value, topk_indices, seq, actual_seq_len):
         """Token-level attention over the chosen blocks (ms_nsa's op), [T, N2, G, Dv]."""
-        tokens, cu_seq_len = q.shape[0], seq[0]
-        out = self.selected_attention(q.reshape(tokens, self.head_num, self.head_dim), key, value, topk_indices,
-                                      cu_seq_len, cu_seq_len)
-        return out.reshape(tokens, self.kv_head_num, self.group, self.value_head_dim)
+        tokens = q.shape[0]
+        # The op takes the lengths as given (a tuple stays a tuple, as the Ascend backend needs).
+        lengths = seq[0] if isinstance(actual_seq_len, Tensor) else actual_seq_len
+        q = q.reshape(tokens, self.head_num, self.head_dim)
+        if self.select_dtype is not None:
+            q, key, value = q.astype(self.select_dtype), key.astype(self.select_dtype), value.astype(self.select_dtype)
+        out = self.selected_attention(q, key, value, topk_indices, lengths, lengths)
+        return out.astype(ms.float32).reshape(tokens, self.kv_head_num, self.group, self.value_head_dim)
 
     def window(self, q, key, value, seq):
         """Causal sliding-window attention over the last window_size tokens of the sequence, [T, N2, G, Dv]."""
@@ -234,8 +243,10 @@ def _sequence_geometry(tokens, actual_seq_len, block):
     sequence), block_sequence [T/β] int32 (each block's sequence number))."""
     if actual_seq_len is None:
         cu_seq_len = ops.full((1,), tokens, dtype=ms.int64)
-    else:
+    elif isinstance(actual_seq_len, Tensor):
         cu_seq_len = actual_seq_len.astype(ms.int64)
+    else:
+        cu_seq_len = Tensor(actual_seq_len, ms.int64)
     ends = cu_seq_len.astype(ms.int32).reshape(1, -1)
     positions = ops.arange(tokens, dtype=ms.int32).reshape(tokens, 1)
     ended = positions >= ends                                                       # [T, B]

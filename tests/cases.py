@@ -28,6 +28,8 @@ class Case:
     dtype: str = "float32"
     duplicates: bool = False         # allow repeated block indices within a row
     keep_diagonal: bool = False      # always select the block holding the query's own position
+    nsa_shaped: bool = False         # NativeSparseAttention's shape: own block, then past blocks, then
+                                     # future ones only when too few past blocks exist; slots shuffled
     seed: int = 0
     data: dict = field(default_factory=dict, repr=False)
 
@@ -68,6 +70,10 @@ class Case:
                         choice = rng.integers(0, blocks, self.select_block_count)
                     else:
                         choice = rng.permutation(blocks)[: self.select_block_count]
+                    if self.nsa_shaped:
+                        own = s // self.select_block_size
+                        past, future = rng.permutation(own), own + 1 + rng.permutation(blocks - own - 1)
+                        choice = rng.permutation(np.concatenate([[own], past, future])[: self.select_block_count])
                     if self.keep_diagonal:
                         choice[0] = min(s // self.select_block_size, blocks - 1)
                         if not self.duplicates:
