@@ -184,6 +184,9 @@ def cann_backward(grad, query, key, value, attention_out, softmax_max, softmax_s
       (CalSoftmax: scale, then CalAttenMsk fills -FLT_MAX).
     - P = exp(S - max) / sum with the forward's max and sum (SimpleSoftMax), over all β·C keys;
       dS = P · (dP - Δ) with Δ = <dO, O> (SoftmaxGradFront, CalSoftmaxGrad), dq/dk/dv as in spec §3.
+    - Not modelled: rows the forward saw no key of (max = its masked fill). There P depends on how the
+      forward's fill (GetExtremeValue's value times the scale) compares with the backward's -FLT_MAX,
+      which the sources read do not settle; this reference (like the twin) gives them no gradient.
     """
     del atten_mask, select_block_count
     q, k, v = _as_float64(query), _as_float64(key), _as_float64(value)
@@ -192,9 +195,10 @@ def cann_backward(grad, query, key, value, attention_out, softmax_max, softmax_s
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     for t, n, heads, rows, visible in _rows(q, k, topk_indices, head_num, select_block_size, actual_seq_qlen,
                                             actual_seq_kvlen, sparse_mode, rule=cann_backward_mask):
+        if np.all(m_all[t, heads] <= -FLT_MAX):
+            continue
         scores = _filled_scores(q, k, t, n, heads, rows, visible, scale_value)
-        with np.errstate(over="ignore", invalid="ignore"):
-            p = np.exp(scores - m_all[t, heads][:, None]) / l_all[t, heads][:, None]
+        p = np.exp(scores - m_all[t, heads][:, None]) / l_all[t, heads][:, None]
         dp = d_out[t, heads] @ v[rows, n].T
         delta = (d_out[t, heads] * out[t, heads]).sum(axis=1, keepdims=True)
         ds = p * (dp - delta)

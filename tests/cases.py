@@ -71,7 +71,7 @@ class Case:
                     else:
                         choice = rng.permutation(blocks)[: self.select_block_count]
                     if self.nsa_shaped:
-                        own = s // self.select_block_size
+                        own = min(s // self.select_block_size, blocks - 1)   # rows past the keys: all past
                         past, future = rng.permutation(own), own + 1 + rng.permutation(blocks - own - 1)
                         choice = rng.permutation(np.concatenate([[own], past, future])[: self.select_block_count])
                     if self.keep_diagonal:

@@ -4,6 +4,11 @@ A fake CANN tree (headers with the exact prototypes of the spec, §5) lets MindS
 Ascend Custom ops as it would on an Atlas A2: parse the prototype, generate and compile the
 `...GetWorkSpaceSize` callback. The callback is then run with a recording stand-in for the aclnn
 function, fed the arguments ms_nsa passes, converted the way MindSpore's Ascend kernel converts them.
+
+These tests call MindSpore's code generator and the bprop as plain Python, never the compiler: they
+missed both the rejected `*args` bprop and the arguments MindSpore's passes dropped (issue 10). The
+evidence that the Ascend construction works through MindSpore's compiler and autodiff is the Ascend
+twin, tests/test_ascend_twin.py; these remain as quick checks of the header-level contract.
 """
 from __future__ import annotations
 
@@ -122,9 +127,11 @@ def test_reg_info_types_are_the_prototype(op_name, prototype, on_ascend):
     op_def = load_op_def(op_name)
     parsed = CustomInfoGenerator(op_def.aclnn).get_aclnn_api_types()   # MindSpore's reading of the header
     assert len(parsed) == len(parameter_names(prototype))
-    # What MindSpore derives from reg_info alone (used when it finds no header) must be the same list.
+    # What MindSpore derives from reg_info alone (when it finds no header) has the right count but types
+    # every reg_info input aclTensor*: so ms_nsa refuses to build an op without a header it can read.
     from_reg_info = CustomCodeGenerator().get_api_types_by_reg_info(ascend.reg_info(op_def))
-    assert from_reg_info[:-2] == parsed[:-2]
+    assert len(from_reg_info) == len(parsed)
+    assert from_reg_info[:-2] != parsed[:-2]
     assert ascend.prototype_types(op_def) == parsed
 
 
@@ -187,7 +194,7 @@ def test_bprop_feeds_the_grad_op_and_returns_dq_dk_dv(sparse_mode, on_ascend):
         received.append(arguments)
         return dq, dk, dv
 
-    bprop = ascend.make_bprop(forward_def, grad_def, grad_primitive)
+    bprop = ascend.make_bprop(grad_primitive)
     unused = Tensor(np.ones((T1, N1, 8), np.float32))
     out = (tensors["softmax_max"], tensors["softmax_sum"], tensors["attention_out"])
     gradients = bprop(*forward_arguments, out, (unused, unused, tensors["grad"]))
