@@ -366,3 +366,17 @@ def test_ranks_compiling_callbacks_at_once_do_not_share_files(tmp_path):
     assert directories[0] != directories[1]
     assert all(d.startswith(str(tmp_path)) for d in directories)
     assert not any(Path(d).exists() for d in directories)   # removed at exit
+
+
+@pytest.mark.parametrize("position, row, forward, backward", [
+    (20, [3, 1, 0, 1], [0, 5, 16, 5], [16, 16, 16, 5]),    # own block 1 twice: the last slot holding it counts
+    (20, [1, 0, 2, 3], [5, 16, 0, 0], [5, 0, 0, 0]),       # early row: slots after the own one masked
+    (70, [4, 5, 0, 1], [7, 0, 16, 16], [7, 16, 16, 16]),   # late row (s + 1 >= β·C): later slots not masked
+    (20, [0, 2, 3, 0], [16, 0, 0, 16], [0, 0, 0, 0]),      # no own block, s + 1 <= β·C: all masked
+])
+def test_cann_mask_rules(position, row, forward, backward):
+    """The CANN flavour's rules on hand-worked rows (β = 16, C = 4): visible keys per slot."""
+    row = np.array(row)
+    assert list(reference.cann_forward_mask(row, 16, position)) == forward
+    assert list(reference.causal(row, 16, position)) == forward      # the forward rule is the causal one
+    assert list(reference.cann_backward_mask(row, 16, position)) == backward
