@@ -139,3 +139,19 @@ def low_precision_forward(case: Case) -> np.ndarray:
         probs = round_to(e / e.sum(axis=1, keepdims=True), dt)
         out[t, heads] = round_to(probs @ d["v"][sel, n], dt)
     return out
+
+
+class OutputLoss(ms.nn.Cell):
+    """(sum(attention_out * d_out), attention_out) through ms_nsa.nn.NsaSelectAttention: the loss's
+    gradient is the gradient op fed with grad = d_out."""
+
+    def __init__(self, case):
+        super().__init__()
+        import ms_nsa
+        self.case = case
+        self.attn = ms_nsa.nn.NsaSelectAttention(case.q_heads, case.select_block_size, case.select_block_count,
+                                                 scale_value=case.scale_value, sparse_mode=case.sparse_mode)
+
+    def construct(self, q, k, v, topk, d_out):
+        out = self.attn(q, k, v, topk, self.case.actual_seq_qlen, self.case.actual_seq_kvlen)
+        return (out.astype(ms.float32) * d_out.astype(ms.float32)).sum(), out

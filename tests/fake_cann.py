@@ -1,7 +1,8 @@
 """A fake CANN tree for the Ascend contract tests, and a recording stand-in for the aclnn functions.
 
-The headers carry the prototypes of docs/spec §5 verbatim (typed out here, independently of
-ops_yaml/, so that the yaml is checked against them, not against itself). The stand-in library
+The headers carry the prototypes of docs/spec §5 verbatim (read from the Ascend twin's headers in
+ms_nsa/twin_cann/, typed out from the spec independently of ops_yaml/, so that the yaml is checked
+against them, not against itself). The stand-in library
 defines aclnnNsaSelectedAttention(Grad)GetWorkspaceSize with those prototypes and logs every
 argument; the driver plays MindSpore's CustomV2AclnnKernelMod: it builds the `inputs` vector the way
 the kernel converts its inputs (by `custom_inputs_type`) and calls the callback MindSpore generated.
@@ -16,26 +17,21 @@ from typing import List, Sequence
 
 import mindspore as ms
 
-FORWARD_PROTOTYPE = """aclnnStatus aclnnNsaSelectedAttentionGetWorkspaceSize(
-    const aclTensor *query, const aclTensor *key, const aclTensor *value, const aclTensor *topkIndices,
-    const aclTensor *attenMaskOptional, const aclIntArray *actualSeqQLenOptional,
-    const aclIntArray *actualSeqKvLenOptional, double scaleValue, int64_t headNum, char *inputLayout,
-    int64_t sparseMode, int64_t selectedBlockSize, int64_t selectedBlockCount,
-    const aclTensor *softmaxMaxOut, const aclTensor *softmaxSumOut, const aclTensor *attentionOut,
-    uint64_t *workspaceSize, aclOpExecutor **executor);"""
-
-GRAD_PROTOTYPE = """aclnnStatus aclnnNsaSelectedAttentionGradGetWorkspaceSize(
-    const aclTensor *query, const aclTensor *key, const aclTensor *value, const aclTensor *attentionOut,
-    const aclTensor *attentionOutGrad, const aclTensor *softmaxMax, const aclTensor *softmaxSum,
-    const aclTensor *topkIndices, const aclIntArray *actualSeqQLenOptional,
-    const aclIntArray *actualSeqKvLenOptional, const aclTensor *attenMaskOptional, double scaleValue,
-    int64_t selectedBlockSize, int64_t selectedBlockCount, int64_t headNum, char *inputLayout,
-    int64_t sparseMode, aclTensor *dqOut, aclTensor *dkOut, aclTensor *dvOut,
-    uint64_t *workspaceSize, aclOpExecutor **executor);"""
-
-PROTOTYPES = {"aclnnNsaSelectedAttention": FORWARD_PROTOTYPE, "aclnnNsaSelectedAttentionGrad": GRAD_PROTOTYPE}
 HEADERS = {"aclnnNsaSelectedAttention": "aclnn_nsa_selected_attention.h",
            "aclnnNsaSelectedAttentionGrad": "aclnn_nsa_selected_attention_grad.h"}
+# The prototypes as the Ascend twin's stand-in CANN tree declares them (typed out from the spec there).
+TWIN_HEADERS = Path(__file__).resolve().parent.parent / "ms_nsa" / "twin_cann" / "include" / "aclnnop"
+
+
+def _prototype(name: str) -> str:
+    text = (TWIN_HEADERS / HEADERS[name]).read_text(encoding="utf-8")
+    start = text.index(f"aclnnStatus {name}GetWorkspaceSize(")
+    return text[start:text.index(");", start) + 2]
+
+
+FORWARD_PROTOTYPE = _prototype("aclnnNsaSelectedAttention")
+GRAD_PROTOTYPE = _prototype("aclnnNsaSelectedAttentionGrad")
+PROTOTYPES = {"aclnnNsaSelectedAttention": FORWARD_PROTOTYPE, "aclnnNsaSelectedAttentionGrad": GRAD_PROTOTYPE}
 
 ACL_BASE_H = """#ifndef FAKE_ACL_BASE_H
 #define FAKE_ACL_BASE_H

@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 import ms_nsa
-from cases import REL_TOL, Case, rel_error, to_numpy
+from cases import REL_TOL, Case, OutputLoss, rel_error, to_numpy
 from ms_nsa import _ascend_kernels as ascend
 from ms_nsa import _backend, reference
 from ms_nsa.op_def import BACKWARD, FORWARD, load_op_def
@@ -118,24 +118,10 @@ def _case(dtype, sparse_mode, **overrides):
     return Case(**fields).make()
 
 
-class _Loss(nn.Cell):
-    """sum(attention_out * d_out): its gradient is the gradient op fed with grad = d_out."""
-
-    def __init__(self, case):
-        super().__init__()
-        self.case = case
-        self.attn = ms_nsa.nn.NsaSelectAttention(case.q_heads, case.select_block_size, case.select_block_count,
-                                                 scale_value=case.scale_value, sparse_mode=case.sparse_mode)
-
-    def construct(self, q, k, v, topk, d_out):
-        out = self.attn(q, k, v, topk, self.case.actual_seq_qlen, self.case.actual_seq_kvlen)
-        return (out.astype(ms.float32) * d_out.astype(ms.float32)).sum(), out
-
-
 def _run(case):
     """(attention_out, dq, dk, dv) through the Cell and ms.grad, as float64 arrays."""
     q, k, v, topk, d_out = case.tensors()
-    (_, out), grads = ms.value_and_grad(_Loss(case), grad_position=(0, 1, 2), has_aux=True)(q, k, v, topk, d_out)
+    (_, out), grads = ms.value_and_grad(OutputLoss(case), grad_position=(0, 1, 2), has_aux=True)(q, k, v, topk, d_out)
     return [to_numpy(x) for x in (out,) + tuple(grads)]
 
 

@@ -10,7 +10,7 @@ import pytest
 import mindspore as ms
 
 import ms_nsa
-from cases import REL_TOL, Case, rel_error, to_numpy
+from cases import REL_TOL, Case, OutputLoss, rel_error, to_numpy
 from modes import mode  # noqa: F401  (the fixture; tests/conftest.py is kept out here)
 from test_forward import CASES
 
@@ -20,18 +20,9 @@ ASCEND_CASES = {f"{name}/{dims}": Case(**{**case.__dict__, "head_dim": HEAD_DIMS
                 for name, case in sorted(CASES.items()) for dims in HEAD_DIMS}
 
 
-class _Loss(ms.nn.Cell):
-    """sum(attention_out * d_out): its gradient is the gradient op fed with grad = d_out."""
-
-    def __init__(self, case):
-        super().__init__()
-        self.case = case
-        self.attn = ms_nsa.nn.NsaSelectAttention(case.q_heads, case.select_block_size, case.select_block_count,
-                                                 scale_value=case.scale_value, sparse_mode=case.sparse_mode)
-
-    def construct(self, q, k, v, topk, d_out):
-        out = self.attn(q, k, v, topk, self.case.actual_seq_qlen, self.case.actual_seq_kvlen)
-        return (out.astype(ms.float32) * d_out.astype(ms.float32)).sum()
+def _grads(case, q, k, v, topk, d_out):
+    """dq, dk, dv of sum(attention_out * d_out) through the Cell and ms.grad."""
+    return ms.grad(OutputLoss(case), grad_position=(0, 1, 2), has_aux=True)(q, k, v, topk, d_out)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -50,7 +41,7 @@ def test_forward_and_gradients_match_reference(name, sparse_mode, dtype, mode):
     err = rel_error(to_numpy(out), ref_out)
     assert err < REL_TOL[dtype], f"forward: relative error {err:.3e} over {REL_TOL[dtype]:.0e}"
 
-    grads = ms.grad(_Loss(case), grad_position=(0, 1, 2))(q, k, v, topk, d_out)
+    grads = _grads(case, q, k, v, topk, d_out)
     ref_out64 = ms_nsa.reference.forward(d["q"], d["k"], d["v"], d["topk"], *case.attrs, sparse_mode=sparse_mode,
                                          **case.lengths())
     ref = ms_nsa.reference.backward(d["d_out"], d["q"], d["k"], d["v"], *ref_out64, d["topk"], *case.attrs,
@@ -85,7 +76,7 @@ def test_matches_the_cann_flavour(name, dtype, mode):
     ref = ms_nsa.reference.cann_forward(d["q"], d["k"], d["v"], d["topk"], *case.attrs, **kwargs)
     err = rel_error(to_numpy(out), ref[0])
     assert err < REL_TOL[dtype], f"forward vs CANN flavour: {err:.3e}"
-    grads = ms.grad(_Loss(case), grad_position=(0, 1, 2))(q, k, v, topk, d_out)
+    grads = _grads(case, q, k, v, topk, d_out)
     ref_grads = ms_nsa.reference.cann_backward(d["d_out"], d["q"], d["k"], d["v"], *ref, d["topk"], *case.attrs,
                                                **kwargs)
     for label, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
