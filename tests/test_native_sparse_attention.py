@@ -30,7 +30,7 @@ class ComposedSelection(ms_nsa.nn.NativeSparseAttention):
     """The same layer with the selected branch written in stock ops (ms_nsa.composed), so that
     MindSpore autodiff, not our bprop, differentiates it."""
 
-    def selected(self, q, key, value, topk_indices, seq):
+    def selected(self, q, key, value, topk_indices, seq, actual_seq_len):
         tokens, start = q.shape[0], seq[2]
         position = ops.arange(tokens, dtype=ms.int32) - start
         out = composed_forward(q.reshape(tokens, self.head_num, self.head_dim), key, value, topk_indices,
