@@ -221,6 +221,8 @@ def _train(case, steps=2):
     _, k, v, topk, _ = case.tensors()
     net = _Projected(case, weight)
     loss, grads = ms.value_and_grad(net, None, net.trainable_params())(x, k, v, topk)
+    plain = ms.grad(net, None, net.trainable_params())(x, k, v, topk)
+    np.testing.assert_array_equal(plain[0].asnumpy(), grads[0].asnumpy())
     step = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=10.0))
     losses = [float(step(x, k, v, topk).asnumpy()) for _ in range(steps)]
     return float(loss.asnumpy()), grads[0].asnumpy(), losses, net.weight.asnumpy()
@@ -259,21 +261,28 @@ def _nsa_layer_grads(weights=None):
         for param, value in zip(params, weights):
             param.set_data(Tensor(value))
     x = Tensor(np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32))
-    value, grads = ms.value_and_grad(_LayerLoss(layer), None, params)(x)
-    return float(value.asnumpy()), [g.asnumpy() for g in grads], [p.asnumpy() for p in params]
+    loss = _LayerLoss(layer)
+    value, grads = ms.value_and_grad(loss, None, params)(x)
+    weights = [p.asnumpy().copy() for p in params]   # asnumpy may share the parameter's memory
+    nn.TrainOneStepCell(loss, nn.SGD(params, learning_rate=1.0))(x)    # one step: w -= grad
+    stepped = [p.asnumpy() for p in params]
+    return float(value.asnumpy()), [g.asnumpy() for g in grads], weights, stepped
 
 
 def test_twin_native_sparse_attention_matches_the_cpu_backend(mode, twin, monkeypatch):
-    twin_value, twin_grads, weights = _nsa_layer_grads()
+    twin_value, twin_grads, weights, twin_stepped = _nsa_layer_grads()
     calls = twin.calls()
-    assert [name for name, _ in calls] == ["aclnnNsaSelectedAttention", "aclnnNsaSelectedAttentionGrad"]
+    assert [name for name, _ in calls[:2]] == ["aclnnNsaSelectedAttention", "aclnnNsaSelectedAttentionGrad"]
     assert calls[0][1][5:7] == ["int_array 32,64", "int_array 32,64"]
+    assert len(calls) == 4   # and once more each for the training step
     _use(monkeypatch, "cpu")
-    cpu_value, cpu_grads, _ = _nsa_layer_grads(weights)
+    cpu_value, cpu_grads, _, cpu_stepped = _nsa_layer_grads(weights)
     assert abs(twin_value - cpu_value) <= 1e-4 * abs(cpu_value)
     for index, (twin_grad, cpu_grad) in enumerate(zip(twin_grads, cpu_grads)):
         assert rel_error(twin_grad, cpu_grad) < REL_TOL["float16"], f"parameter {index}"
     assert np.abs(twin_grads[0]).max() > 0   # w_q: reached through the selected branch, among others
+    for index, (twin_weight, cpu_weight, weight) in enumerate(zip(twin_stepped, cpu_stepped, weights)):
+        assert rel_error(twin_weight - weight, cpu_weight - weight) < REL_TOL["float16"], f"step of parameter {index}"
 
 
 # -- the construction itself ---------------------------------------------------------------------------
