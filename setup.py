@@ -9,7 +9,9 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc", "custom_aot/nsa_aot.cc"]
+# Every op's kernel folder (custom_aot/<op>/) and the shared files at the top; tests/ holds drivers.
+KERNEL_SOURCES = sorted(path for path in glob.glob("custom_aot/**/*.cc", recursive=True)
+                        if not path.startswith("custom_aot/tests/"))
 KERNEL_FLAGS = [
     "-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra",
     # Portable baseline (no -march): the AVX2 and AVX-512 kernels are separate functions with
@@ -38,7 +40,7 @@ setup(
     name="ms_nsa",
     version="0.1.0",
     description="NSA selected attention (aclnnNsaSelectedAttention and its gradient) for MindSpore",
-    packages=["ms_nsa", "ms_nsa.ops_yaml"],
+    packages=["ms_nsa", "ms_nsa.compress", "ms_nsa.compress_attention", "ms_nsa.ops_yaml"],
     package_dir={"ms_nsa": "ms_nsa", "ms_nsa.ops_yaml": "ops_yaml"},
     package_data={"ms_nsa.ops_yaml": ["*.yaml"]},
     include_package_data=True,
@@ -47,7 +49,7 @@ setup(
             "ms_nsa.libms_nsa_cpu",
             sources=KERNEL_SOURCES,
             include_dirs=["custom_aot"],
-            depends=sorted(glob.glob("custom_aot/*.h")),
+            depends=sorted(glob.glob("custom_aot/**/*.h", recursive=True)),
             extra_compile_args=KERNEL_FLAGS,
             extra_link_args=["-fopenmp"],
             language="c++",

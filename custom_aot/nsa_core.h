@@ -10,9 +10,9 @@
 #include <cstdint>
 #include <string>
 
-namespace ms_nsa {
+#include "nsa_status.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace ms_nsa {
 
 // Everything that fixes the problem, except the tensor data. Layout TND throughout:
 //   query [q_tokens, q_heads, qk_head_dim], key [kv_tokens, kv_heads, qk_head_dim],
@@ -37,22 +37,6 @@ struct NsaProblem {
 
 // Width of the softmax_max / softmax_sum rows: one value repeated to fill 32 bytes, as CANN stores it.
 constexpr int64_t kSoftmaxStatWidth = 8;
-
-// Status codes shared with ms_nsa/_errors.py (keep the two in step).
-enum Status : int {
-  kOk = 0,
-  kBadProblem = 1,          // sizes or attributes outside what the kernel accepts
-  kBadCumulativeLength = 2, // cu_seqlens decreasing, negative or not ending at the token count
-  kBadKvLength = 3,         // a batch's KV length not a multiple of beta or shorter than beta * C
-  kIndexOutOfRange = 4,     // a topk index outside [0, that batch's KV length / beta)
-  kUnsupportedDType = 5,
-  kInternal = 6,
-};
-
-struct NsaError {
-  Status status = kOk;
-  std::string message;  // what went wrong, naming the argument, the value and what is allowed
-};
 
 // Checks the sizes, the cumulative lengths and every topk index before any tensor data is read.
 NsaError nsa_validate(const NsaProblem &problem, const int32_t *topk_indices);
