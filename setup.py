@@ -40,7 +40,7 @@ setup(
     name="ms_nsa",
     version="0.1.0",
     description="NSA selected attention (aclnnNsaSelectedAttention and its gradient) for MindSpore",
-    packages=["ms_nsa", "ms_nsa.compress", "ms_nsa.compress_attention", "ms_nsa.ops_yaml"],
+    packages=["ms_nsa", "ms_nsa.compress", "ms_nsa.compress_attention", "ms_nsa.window", "ms_nsa.ops_yaml"],
     package_dir={"ms_nsa": "ms_nsa", "ms_nsa.ops_yaml": "ops_yaml"},
     package_data={"ms_nsa.ops_yaml": ["*.yaml"]},
     include_package_data=True,

@@ -22,6 +22,11 @@ inline bool parse_dtype(const char *name, DType *dtype) {
 
 inline bool is_dtype(const char *name, const char *want) { return std::strcmp(name, want) == 0; }
 
+// A 3-D tensor of exactly [a, b, c].
+inline bool has_shape(int ndim, const int64_t *shape, int64_t a, int64_t b, int64_t c) {
+  return ndim == 3 && shape[0] == a && shape[1] == b && shape[2] == c;
+}
+
 // Returns 0 for kOk. Otherwise records the error for ms_nsa's Python layer (which re-raises it as
 // ValueError/TypeError in PyNative) and throws it: MindSpore catches exceptions from AOT kernels and
 // raises a RuntimeError carrying what() in both PyNative and graph mode, so the message reaches the
