@@ -1,9 +1,11 @@
 """The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer, without MindSpore.
 
-Builds custom_aot/*.cc (core, validation, AOT entry layer) with custom_aot/tests/sanitize_driver.cc,
-which calls the entry points the way MindSpore does on exactly-sized buffers: valid problems in every
-dtype and mode, every data-dependent error, and 300 random corruptions. Any out-of-bounds access or
-undefined behaviour aborts the driver; a wrong status code makes it exit non-zero.
+Builds custom_aot/**/*.cc (every op's core, validation and AOT entry layer) with
+custom_aot/tests/sanitize_driver.cc, which calls the entry points the way MindSpore does on
+exactly-sized buffers: valid problems in every dtype and mode, every data-dependent error, and 300
+random corruptions (nsa_select_attention), and the same valid/invalid treatment of
+nsa_window_attention. Any out-of-bounds access or undefined behaviour aborts the driver; a wrong
+status code makes it exit non-zero.
 """
 import os
 import re
@@ -22,7 +24,8 @@ def driver(tmp_path_factory):
     compiler = shutil.which("g++")
     assert compiler, "g++ is needed to build the sanitizer driver"
     binary = tmp_path_factory.mktemp("sanitize") / "sanitize_driver"
-    sources = sorted(str(p) for p in KERNELS.glob("*.cc")) + [str(KERNELS / "tests" / "sanitize_driver.cc")]
+    sources = sorted(str(p) for p in KERNELS.glob("**/*.cc") if "tests" not in p.relative_to(KERNELS).parts)
+    sources.append(str(KERNELS / "tests" / "sanitize_driver.cc"))
     cmd = [compiler, "-std=c++17", "-O1", "-g", "-fopenmp", "-fno-omit-frame-pointer",
            "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-D_GLIBCXX_USE_CXX11_ABI=0",
            f"-I{KERNELS}", *sources, "-o", str(binary)]
@@ -41,3 +44,5 @@ def test_kernels_are_clean_under_asan_and_ubsan(driver, threads):
     summary = re.search(r"(\d+) valid problems, (\d+) invalid problems, (\d+) random corruptions, 0 failures",
                         result.stdout)
     assert summary and all(int(n) > 0 for n in summary.groups()), result.stdout
+    window = re.search(r"window: (\d+) valid problems, (\d+) invalid problems", result.stdout)
+    assert window and all(int(n) > 0 for n in window.groups()), result.stdout
