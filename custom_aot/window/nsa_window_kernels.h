@@ -35,6 +35,10 @@ struct Tile {
   int64_t seq_begin, seq_end, begin, count;
 };
 
+// Tile loops take their bodies as lambdas; always_inline makes each body part of the ISA entry point
+// that calls it, so it is compiled for that entry point's instruction set like the rest.
+#define MS_NSA_INLINE_LAMBDA __attribute__((always_inline))
+
 // Score lanes are padded to a multiple of this (the widest vector), so every lane loop is whole vectors.
 constexpr int64_t kLaneMultiple = 16;
 
@@ -64,15 +68,19 @@ struct Tiling {
     const int64_t begin = seq_begin + j * key_rows;
     return {seq_begin, seq_end, begin, std::min(key_rows, seq_end - begin)};
   }
-  // Key tiles [first, last] holding some key that a row of q sees.
-  void key_tiles_seen_by(const Tile &q, int64_t *first, int64_t *last) const {
-    *first = (std::max(q.seq_begin, q.begin - window + 1) - q.seq_begin) / key_rows;
-    *last = (q.begin + q.count - 1 - q.seq_begin) / key_rows;
+  // body(k) for every key tile k holding some key that a row of query tile q sees, in increasing order.
+  template <typename Body>
+  MS_NSA_INLINE void each_key_tile_seen_by(const Tile &q, Body body) const {
+    const int64_t first = (std::max(q.seq_begin, q.begin - window + 1) - q.seq_begin) / key_rows;
+    const int64_t last = (q.begin + q.count - 1 - q.seq_begin) / key_rows;
+    for (int64_t j = first; j <= last; ++j) body(key_tile(q.seq_begin, q.seq_end, j));
   }
-  // Query tiles [first, last] holding some row that sees a key of k.
-  void query_tiles_seeing(const Tile &k, int64_t *first, int64_t *last) const {
-    *first = (k.begin - k.seq_begin) / query_rows;
-    *last = (std::min(k.seq_end - 1, k.begin + k.count - 1 + window - 1) - k.seq_begin) / query_rows;
+  // body(q) for every query tile q holding some row that sees a key of key tile k, in increasing order.
+  template <typename Body>
+  MS_NSA_INLINE void each_query_tile_seeing(const Tile &k, Body body) const {
+    const int64_t first = (k.begin - k.seq_begin) / query_rows;
+    const int64_t last = (std::min(k.seq_end - 1, k.begin + k.count - 1 + window - 1) - k.seq_begin) / query_rows;
+    for (int64_t i = first; i <= last; ++i) body(query_tile(k.seq_begin, k.seq_end, i));
   }
 };
 
@@ -239,17 +247,14 @@ MS_NSA_INLINE void forward_tile(const ForwardArgs &f, const Tile &q, int64_t n, 
   std::fill(s.row_sum, s.row_sum + Mp, 0.0f);
   std::fill(s.acc, s.acc + M * Dv, 0.0f);
 
-  int64_t first = 0, last = 0;
-  tl.key_tiles_seen_by(q, &first, &last);
-  for (int64_t j = first; j <= last; ++j) {
-    const Tile k = tl.key_tile(q.seq_begin, q.seq_end, j);
+  tl.each_key_tile_seen_by(q, [&](const Tile &k) MS_NSA_INLINE_LAMBDA {
     int64_t ld_key = 0, ld_value = 0;
     const float *keys = kv_tile_rows<W>(p, f.key, D, k, n, s.key_rows, &ld_key);
     tile_scores<W>(p, tl, q, k, keys, ld_key, s);
     online_softmax_step<W>(k.count, M, Mp, Dv, s);
     const float *values = kv_tile_rows<W>(p, f.value, Dv, k, n, s.value_rows, &ld_value);
     wide_matmul<W, kTileRegs<W>>(M, Dv, k.count, {s.scores, 1, Mp}, values, ld_value, s.acc, Dv);
-  }
+  });
 
   for (int64_t m = 0; m < M; ++m) {
     const float inv = 1.0f / s.row_sum[m];
@@ -342,16 +347,13 @@ MS_NSA_INLINE void key_tile_backward(const BackwardArgs &b, const Tile &k, int64
   const float *values = kv_tile_rows<W>(p, b.value, Dv, k, n, s.value_rows, &ld_value);
   std::fill(s.key_acc, s.key_acc + k.count * D, 0.0f);
   std::fill(s.value_acc, s.value_acc + k.count * Dv, 0.0f);
-  int64_t first = 0, last = 0;
-  tl.query_tiles_seeing(k, &first, &last);
-  for (int64_t i = first; i <= last; ++i) {
-    const Tile q = tl.query_tile(k.seq_begin, k.seq_end, i);
+  tl.each_query_tile_seeing(k, [&](const Tile &q) MS_NSA_INLINE_LAMBDA {
     const int64_t M = q.count * tl.group, Mp = Tiling::padded(M);
     load_query_side<W>(b, q, n, s);
     probs_and_dscores<W>(p, tl, q, k, keys, ld_key, values, ld_value, s);
     wide_matmul<W, kTileRegs<W>>(k.count, Dv, M, {s.scores, Mp, 1}, s.d_out, Dv, s.value_acc, Dv);
     wide_matmul<W, kTileRegs<W>>(k.count, D, M, {s.dscores, Mp, 1}, s.q, D, s.key_acc, D);
-  }
+  });
   for (int64_t j = 0; j < k.count; ++j) {
     store_row_fast<W>(p.dtype, s.key_acc + j * D, b.dk, ((k.begin + j) * p.kv_heads + n) * D, D);
     store_row_fast<W>(p.dtype, s.value_acc + j * Dv, b.dv, ((k.begin + j) * p.kv_heads + n) * Dv, Dv);
@@ -366,16 +368,13 @@ MS_NSA_INLINE void query_tile_backward(const BackwardArgs &b, const Tile &q, int
   const int64_t D = p.qk_head_dim, Dv = p.v_head_dim, M = q.count * tl.group, Mp = Tiling::padded(M);
   load_query_side<W>(b, q, n, s);
   std::fill(s.acc, s.acc + M * D, 0.0f);
-  int64_t first = 0, last = 0;
-  tl.key_tiles_seen_by(q, &first, &last);
-  for (int64_t j = first; j <= last; ++j) {
-    const Tile k = tl.key_tile(q.seq_begin, q.seq_end, j);
+  tl.each_key_tile_seen_by(q, [&](const Tile &k) MS_NSA_INLINE_LAMBDA {
     int64_t ld_key = 0, ld_value = 0;
     const float *keys = kv_tile_rows<W>(p, b.key, D, k, n, s.key_rows, &ld_key);
     const float *values = kv_tile_rows<W>(p, b.value, Dv, k, n, s.value_rows, &ld_value);
     probs_and_dscores<W>(p, tl, q, k, keys, ld_key, values, ld_value, s);
     wide_matmul<W, kTileRegs<W>>(M, D, k.count, {s.dscores, 1, Mp}, keys, ld_key, s.acc, D);
-  }
+  });
   store_query_block<W>(p, s.acc, D, q, n, b.dq);
 }
 
