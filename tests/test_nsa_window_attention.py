@@ -2,6 +2,10 @@
 GQA, dtypes), ms.grad vs autodiff of stock ops in both modes, determinism across thread counts,
 isolation of packed sequences, causality and the window's reach, and every rule as a named error."""
 import inspect
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from ms_nsa.op_def import load_op_def
 from ms_nsa.window import api, reference
 from ms_nsa.window.composed import composed_window_attention, sequence_starts
 from cases import MS_DTYPES, REL_TOL, rel_error, round_to, to_numpy
+from test_kernel_isa import cpu_has
 
 # The backward chains more roundings (dS, and dO / O enter in the input dtype): 2x the room, as for
 # nsa_select_attention_grad.
@@ -286,3 +291,76 @@ def test_bad_input_raises_a_named_error(what, call, exc, message):
         call()
     assert message in str(info.value), f"{what}: {info.value}"
     assert "nsa_window_attention" in str(info.value) or what.startswith("Cell"), f"{what}: {info.value}"
+
+
+# The AVX2 and baseline kernels (MS_NSA_ISA forces them; this machine would otherwise run AVX-512), in
+# a child process: errors vs the reference and the same bits for 1 and 3 threads, on shapes whose
+# widths are no multiple of the vector (D 20, Dv 12, G 3) and that span tiles.
+ISA_CHILD = r"""
+import json
+import numpy as np
+import mindspore as ms
+ms.set_device("CPU")
+import ms_nsa
+from ms_nsa.window import reference
+from cases import rel_error, to_numpy
+from test_nsa_window_attention import backward, forward, make, tensors
+
+errors, same_bits = {}, True
+for dtype in ("float32", "float16", "bfloat16"):
+    for name in ("mha-short-window", "odd-window", "g32"):
+        c = make(name, dtype)
+        q, k, v, g = tensors(c, "q", "k", "v", "g")
+        ms_nsa.set_num_threads(1)
+        outs = forward(c, q, k, v)
+        grads = backward(c, g, q, k, v, outs)
+        want = reference.forward(c["q"], c["k"], c["v"], c["scale"], c["heads"], c["window"], actual_seq_len=c["lengths"])
+        want_grads = reference.backward(c["g"], c["q"], c["k"], c["v"], *(to_numpy(o) for o in outs), c["scale"],
+                                        c["heads"], c["window"], actual_seq_len=c["lengths"])
+        errors[f"{dtype}/{name}"] = [rel_error(to_numpy(outs[0]), want[0])] + [
+            rel_error(to_numpy(a), b) for a, b in zip(grads, want_grads)]
+        ms_nsa.set_num_threads(3)
+        outs3 = forward(c, q, k, v)
+        for a, b in zip(outs + tuple(grads), outs3 + tuple(backward(c, g, q, k, v, outs3))):
+            same_bits &= a.asnumpy().tobytes() == b.asnumpy().tobytes()
+import ctypes
+from ms_nsa._cpu_kernels import library_path
+lib = ctypes.CDLL(library_path())
+lib.ms_nsa_kernel_isa.restype = ctypes.c_char_p
+print(json.dumps({"isa": lib.ms_nsa_kernel_isa().decode(), "errors": errors, "same_bits": same_bits}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_forced_instruction_set_matches_reference(isa):
+    if isa == "avx2" and not (cpu_has("avx2") and cpu_has("fma") and cpu_has("f16c")):
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MS_NSA_ISA=isa, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", ISA_CHILD], env=env, capture_output=True, text=True, cwd=here)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["isa"] == isa
+    assert report["same_bits"], "results changed with the thread count"
+    for key, errs in report["errors"].items():
+        dtype = key.split("/")[0]
+        assert errs[0] < REL_TOL[dtype], f"{key} attention_out: {errs[0]:.2e}"
+        for label, err in zip(("dq", "dk", "dv"), errs[1:]):
+            assert err < GRAD_TOL[dtype], f"{key} {label}: {err:.2e}"
+
+
+def test_graph_mode_errors_name_the_argument():
+    c = make("varlen-gqa")
+    q, k, v = tensors(c, "q", "k", "v")
+
+    @ms.jit
+    def call(q, k, v, lengths):
+        return ms_nsa.nsa_window_attention(q, k, v, c["scale"], c["heads"], c["window"], actual_seq_len=lengths)
+
+    # A shape rule fails at compile time with the yaml's message ...
+    with pytest.raises(ValueError, match="both are the dimension T"):
+        call(q, k[:-1], v[:-1], Tensor(np.array(c["lengths"], np.int64)))
+    # ... a data rule in the kernel, with the kernel's message inside MindSpore's RuntimeError (raised
+    # when the asynchronous launch is waited for).
+    with pytest.raises(RuntimeError, match=r"actual_seq_len\[1\] = 20 is smaller than the entry before it"):
+        call(q, k, v, Tensor(np.array([30, 20, 38, 108], np.int64)))[0].asnumpy()
