@@ -5,7 +5,7 @@
 // size so that any read or write past an end is caught. It runs valid problems (all dtypes, both
 // sparse modes, varlen, GQA, duplicates, forward and backward) and invalid ones (every
 // data-dependent error, inconsistent shapes, random corruptions), and checks each returns the
-// expected status; then the same for nsa_window_attention. Exit code 0 only if every case behaved; the sanitizers abort on any memory or UB
+// expected status. Exit code 0 only if every case behaved; the sanitizers abort on any memory or UB
 // error. Built and run by tests/test_sanitizers.py.
 #include <cmath>
 #include <cstdint>
@@ -17,59 +17,26 @@
 #include <string>
 #include <vector>
 
-#include "../aot_extra.h"
 #include "../nsa_core.h"
-#include "../nsa_dtype.h"
+#include "driver_common.h"
 
 extern "C" {
 int NsaSelectAttentionInit(int *, int64_t **, const char **, mindspore::AotExtra *);
 int NsaSelectAttention(int, void **, int *, int64_t **, const char **, void *, void *);
 int NsaSelectAttentionGradInit(int *, int64_t **, const char **, mindspore::AotExtra *);
 int NsaSelectAttentionGrad(int, void **, int *, int64_t **, const char **, void *, void *);
-int NsaWindowAttentionInit(int *, int64_t **, const char **, mindspore::AotExtra *);
-int NsaWindowAttention(int, void **, int *, int64_t **, const char **, void *, void *);
-int NsaWindowAttentionGradInit(int *, int64_t **, const char **, mindspore::AotExtra *);
-int NsaWindowAttentionGrad(int, void **, int *, int64_t **, const char **, void *, void *);
-int ms_nsa_last_error_status();
-void ms_nsa_clear_error();
 }
 
 namespace {
 
-class FakeExtra : public mindspore::AotExtra {
- public:
-  std::map<std::string, int64_t> ints;
-  float scale = 0.125f;
-  ~FakeExtra() override { delete KernelData(); }
-  bool HasAttr(std::string name) override { return ints.count(name) > 0 || name == "scale_value"; }
-  bool GetAttrBool(std::string) override { return false; }
-  int64_t GetAttrInt(std::string name) override { return ints.at(name); }
-  float GetAttrFloat(std::string) override { return scale; }
-  std::string GetAttrStr(std::string) override { return "TND"; }
-  std::vector<int64_t> GetAttrIntVec(std::string) override { return {}; }
-  std::vector<float> GetAttrFloatVec(std::string) override { return {}; }
-  std::vector<std::vector<int64_t>> GetAttrInt2DVec(std::string) override { return {}; }
-  std::vector<std::vector<float>> GetAttrFloat2DVec(std::string) override { return {}; }
-};
-
-// A tensor owning exactly the bytes its shape needs.
-struct Buffer {
-  std::vector<int64_t> shape;
-  std::string dtype;
-  std::vector<unsigned char> bytes;
-  Buffer(std::vector<int64_t> s, std::string d) : shape(std::move(s)), dtype(std::move(d)) {
-    int64_t n = 1;
-    for (int64_t v : shape) n *= v;
-    bytes.assign(static_cast<size_t>(n) * element_size(), 0);
-  }
-  size_t element_size() const {
-    if (dtype == "float32" || dtype == "int32") return 4;
-    if (dtype == "int64") return 8;
-    return 2;
-  }
-  int64_t count() const { return static_cast<int64_t>(bytes.size() / element_size()); }
-  template <typename T> T *as() { return reinterpret_cast<T *>(bytes.data()); }
-};
+using driver::Buffer;
+using driver::expect;
+using driver::failures;
+using driver::fill_random;
+using driver::invalid_runs;
+using driver::rng;
+using driver::valid_runs;
+using driver::all_finite;
 
 struct Problem {
   std::vector<int64_t> q_lens, kv_lens;
@@ -78,18 +45,6 @@ struct Problem {
   std::string dtype = "float32";
   bool duplicates = false;
 };
-
-std::mt19937_64 rng(1234);
-
-void fill_random(Buffer &b) {
-  std::normal_distribution<float> normal;
-  for (int64_t i = 0; i < b.count(); ++i) {
-    const float x = normal(rng);
-    if (b.dtype == "float32") b.as<float>()[i] = x;
-    else ms_nsa::store_row(b.dtype == "float16" ? ms_nsa::DType::kFloat16 : ms_nsa::DType::kBFloat16,
-                           &x, b.bytes.data(), i, 1);
-  }
-}
 
 struct Inputs {
   Buffer q, k, v, topk, cu_q, cu_kv;
@@ -124,37 +79,12 @@ struct Inputs {
   }
 };
 
-using InitFn = int (*)(int *, int64_t **, const char **, mindspore::AotExtra *);
-using KernelFn = int (*)(int, void **, int *, int64_t **, const char **, void *, void *);
-
-// Calls an entry point MindSpore-style with these int attributes; returns the status (0 = ok),
-// catching the thrown error.
-int launch(InitFn init, KernelFn kernel, std::vector<Buffer *> tensors, std::map<std::string, int64_t> ints) {
-  std::vector<void *> params;
-  std::vector<int> ndims;
-  std::vector<int64_t *> shapes;
-  std::vector<const char *> dtypes;
-  for (Buffer *t : tensors) {
-    params.push_back(t->bytes.data());
-    ndims.push_back(static_cast<int>(t->shape.size()));
-    shapes.push_back(t->shape.data());
-    dtypes.push_back(t->dtype.c_str());
-  }
-  FakeExtra extra;
-  extra.ints = std::move(ints);
-  init(ndims.data(), shapes.data(), dtypes.data(), &extra);
-  ms_nsa_clear_error();
-  try {
-    return kernel(static_cast<int>(params.size()), params.data(), ndims.data(), shapes.data(), dtypes.data(),
-                  nullptr, &extra);
-  } catch (const std::invalid_argument &) {
-    return ms_nsa_last_error_status();
-  }
-}
-
-std::map<std::string, int64_t> select_attrs(const Problem &p, int64_t head_num_override = -1) {
-  return {{"head_num", head_num_override >= 0 ? head_num_override : p.q_heads}, {"sparse_mode", p.sparse_mode},
-          {"select_block_size", p.block}, {"select_block_count", p.count}};
+int launch(driver::InitFn init, driver::KernelFn kernel, std::vector<Buffer *> tensors, const Problem &p,
+           int64_t head_num_override = -1) {
+  return driver::call_entry(init, kernel, tensors,
+                            {{"head_num", head_num_override >= 0 ? head_num_override : p.q_heads},
+                             {"sparse_mode", p.sparse_mode}, {"select_block_size", p.block},
+                             {"select_block_count", p.count}});
 }
 
 struct Outputs {
@@ -169,34 +99,14 @@ struct Outputs {
 
 int forward(Inputs &in, Outputs &o, const Problem &p, int64_t head_num = -1) {
   return launch(NsaSelectAttentionInit, NsaSelectAttention,
-                {&in.q, &in.k, &in.v, &in.topk, &in.cu_q, &in.cu_kv, &o.softmax_max, &o.softmax_sum, &o.out},
-                select_attrs(p, head_num));
+                {&in.q, &in.k, &in.v, &in.topk, &in.cu_q, &in.cu_kv, &o.softmax_max, &o.softmax_sum, &o.out}, p,
+                head_num);
 }
 
 int backward(Inputs &in, Outputs &o, const Problem &p) {
   return launch(NsaSelectAttentionGradInit, NsaSelectAttentionGrad,
                 {&in.q, &in.k, &in.v, &o.out, &o.d_out, &o.softmax_max, &o.softmax_sum, &in.topk, &in.cu_q,
-                 &in.cu_kv, &o.dq, &o.dk, &o.dv}, select_attrs(p));
-}
-
-int failures = 0, valid_runs = 0, invalid_runs = 0;
-
-void expect(bool ok, const std::string &what) {
-  if (!ok) {
-    ++failures;
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-  }
-}
-
-bool all_finite(const Buffer &b) {
-  for (int64_t i = 0; i < b.count(); ++i) {
-    float x;
-    if (b.dtype == "float32") x = reinterpret_cast<const float *>(b.bytes.data())[i];
-    else ms_nsa::load_row(b.dtype == "float16" ? ms_nsa::DType::kFloat16 : ms_nsa::DType::kBFloat16,
-                          b.bytes.data(), i, &x, 1);
-    if (!std::isfinite(x)) return false;
-  }
-  return true;
+                 &in.cu_kv, &o.dq, &o.dk, &o.dv}, p);
 }
 
 void run_valid(const Problem &p, const std::string &name) {
@@ -222,117 +132,6 @@ void run_invalid(Problem p, const std::string &name, int want, void (*corrupt)(I
     expect(got_backward == want, name + ": backward returned " + std::to_string(got_backward));
   }
   ++invalid_runs;
-}
-
-
-// ---------------------------------------------------------------------------------------------------
-// nsa_window_attention: the same treatment (every dtype, varlen with empty and one-token sequences,
-// GQA, windows shorter and longer than a tile or a sequence; every data-dependent error).
-
-struct WindowCase {
-  std::vector<int64_t> lens;
-  int64_t q_heads = 4, kv_heads = 2, dim = 32, v_dim = 16, window = 16;
-  std::string dtype = "float32";
-};
-
-struct WindowTensors {
-  Buffer q, k, v, cu, softmax_max, softmax_sum, out, d_out, dq, dk, dv;
-  explicit WindowTensors(const WindowCase &c)
-      : q({Inputs::total(c.lens), c.q_heads, c.dim}, c.dtype), k({q.shape[0], c.kv_heads, c.dim}, c.dtype),
-        v({q.shape[0], c.kv_heads, c.v_dim}, c.dtype), cu({static_cast<int64_t>(c.lens.size())}, "int64"),
-        softmax_max({q.shape[0], c.q_heads, 8}, "float32"), softmax_sum({q.shape[0], c.q_heads, 8}, "float32"),
-        out({q.shape[0], c.q_heads, c.v_dim}, c.dtype), d_out(out.shape, c.dtype), dq(q.shape, c.dtype),
-        dk(k.shape, c.dtype), dv(v.shape, c.dtype) {
-    fill_random(q);
-    fill_random(k);
-    fill_random(v);
-    fill_random(d_out);
-    int64_t acc = 0;
-    for (size_t b = 0; b < c.lens.size(); ++b) cu.as<int64_t>()[b] = acc += c.lens[b];
-  }
-};
-
-std::map<std::string, int64_t> window_attrs(const WindowCase &c) {
-  return {{"head_num", c.q_heads}, {"window_size", c.window}};
-}
-
-int window_forward(WindowTensors &t, const WindowCase &c) {
-  return launch(NsaWindowAttentionInit, NsaWindowAttention,
-                {&t.q, &t.k, &t.v, &t.cu, &t.softmax_max, &t.softmax_sum, &t.out}, window_attrs(c));
-}
-
-int window_backward(WindowTensors &t, const WindowCase &c) {
-  return launch(NsaWindowAttentionGradInit, NsaWindowAttentionGrad,
-                {&t.q, &t.k, &t.v, &t.out, &t.d_out, &t.softmax_max, &t.softmax_sum, &t.cu, &t.dq, &t.dk, &t.dv},
-                window_attrs(c));
-}
-
-int window_valid_runs = 0, window_invalid_runs = 0;
-
-void run_window_valid(const WindowCase &c, const std::string &name) {
-  WindowTensors t(c);
-  expect(window_forward(t, c) == 0, name + ": window forward failed");
-  expect(window_backward(t, c) == 0, name + ": window backward failed");
-  expect(all_finite(t.out) && all_finite(t.dq) && all_finite(t.dk) && all_finite(t.dv),
-         name + ": non-finite window output from finite inputs");
-  ++window_valid_runs;
-}
-
-// `corrupt` edits the tensors (or the attributes, through the case) after they are built.
-void run_window_invalid(WindowCase c, const std::string &name, int want, void (*corrupt)(WindowTensors &, WindowCase &)) {
-  WindowTensors t(c);
-  corrupt(t, c);
-  const int got_forward = window_forward(t, c), got_backward = window_backward(t, c);
-  expect(got_forward == want && got_backward == want, name + ": window returned " + std::to_string(got_forward) +
-                                                          " / " + std::to_string(got_backward) + ", want " +
-                                                          std::to_string(want));
-  ++window_invalid_runs;
-}
-
-void run_window_problems() {
-  for (const char *dtype : {"float32", "float16", "bfloat16"}) {
-    for (int64_t window : {1, 5, 16, 70, 1000}) {
-      WindowCase c;
-      c.lens = {37, 0, 1, 90};
-      c.window = window;
-      c.dtype = dtype;
-      run_window_valid(c, std::string("window varlen w=") + std::to_string(window) + " " + dtype);
-    }
-    WindowCase wide;
-    wide.lens = {130};
-    wide.q_heads = 32;
-    wide.kv_heads = 1;
-    wide.dim = 192;
-    wide.v_dim = 128;
-    wide.window = 64;
-    wide.dtype = dtype;
-    run_window_valid(wide, std::string("window G=32 D=192 ") + dtype);
-  }
-  WindowCase base;
-  base.lens = {30, 20};
-  using ms_nsa::kBadCumulativeLength;
-  using ms_nsa::kBadProblem;
-  run_window_invalid(base, "window cu decreasing", kBadCumulativeLength,
-                     [](WindowTensors &t, WindowCase &) { t.cu.as<int64_t>()[0] = 60; });
-  run_window_invalid(base, "window cu short of T", kBadCumulativeLength,
-                     [](WindowTensors &t, WindowCase &) { t.cu.as<int64_t>()[1] = 49; });
-  run_window_invalid(base, "window cu negative", kBadCumulativeLength,
-                     [](WindowTensors &t, WindowCase &) { t.cu.as<int64_t>()[0] = -5; });
-  run_window_invalid(base, "window cu huge", kBadCumulativeLength,
-                     [](WindowTensors &t, WindowCase &) { t.cu.as<int64_t>()[0] = INT64_MAX; });
-  run_window_invalid(base, "window_size 0", kBadProblem, [](WindowTensors &, WindowCase &c) { c.window = 0; });
-  run_window_invalid(base, "window head_num != N1", kBadProblem, [](WindowTensors &, WindowCase &c) { c.q_heads = 8; });
-  run_window_invalid(base, "window key of other tokens", kBadProblem,
-                     [](WindowTensors &t, WindowCase &) { t.k.shape[0] = 49; });
-  run_window_invalid(base, "window no sequences", kBadProblem, [](WindowTensors &t, WindowCase &) { t.cu.shape[0] = 0; });
-  run_window_invalid(base, "window int32 lengths", kBadProblem,
-                     [](WindowTensors &t, WindowCase &) { t.cu.dtype = "int32"; });
-  run_window_invalid(base, "window float64 query", ms_nsa::kUnsupportedDType,
-                     [](WindowTensors &t, WindowCase &) { t.q.dtype = "float64"; });
-  run_window_invalid(base, "window N1 not a multiple of N2", kBadProblem, [](WindowTensors &t, WindowCase &c) {
-    t.q.shape[1] = 3;
-    c.q_heads = 3;
-  });
 }
 
 }  // namespace
@@ -434,9 +233,6 @@ int main() {
     ++random_cases;
   }
 
-  run_window_problems();
-  std::printf("sanitize_driver: window: %d valid problems, %d invalid problems\n", window_valid_runs,
-              window_invalid_runs);
   std::printf("sanitize_driver: %d valid problems, %d invalid problems, %d random corruptions, %d failures\n",
               valid_runs, invalid_runs, random_cases, failures);
   return failures == 0 ? 0 : 1;
