@@ -24,11 +24,13 @@ using cmp_attn::ForwardOut;
 using cmp_attn::ForwardScratch;
 using cmp_attn::Tensors;
 
-using ForwardFn = void (*)(const Tensors &, const ForwardOut &, int64_t, int64_t, const ForwardScratch &);
-using QueryFn = void (*)(const Tensors &, const BackwardIn &, int64_t, int64_t, void *, float *,
+using cmp_attn::Tile;
+
+using ForwardFn = void (*)(const Tensors &, const ForwardOut &, const Tile &, int64_t, const ForwardScratch &);
+using QueryFn = void (*)(const Tensors &, const BackwardIn &, const Tile &, int64_t, void *, float *,
                          const BackwardScratch &);
-using KeyFn = void (*)(const Tensors &, const BackwardIn &, int64_t, int64_t, int64_t, const float *, void *, void *,
-                       const BackwardScratch &);
+using KeyFn = void (*)(const Tensors &, const BackwardIn &, const Tile *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       const float *, void *, void *, const BackwardScratch &);
 
 struct Kernels {
   ForwardFn forward;
@@ -37,38 +39,54 @@ struct Kernels {
   int score_lanes;
 };
 
-#define MS_NSA_CMP_ENTRY_POINTS(NAME, TARGET, W, SW)                                                          \
-  TARGET void forward_##NAME(const Tensors &x, const ForwardOut &o, int64_t t, int64_t n,                     \
+#define MS_NSA_CMP_ENTRY_POINTS(NAME, TARGET, W)                                                              \
+  TARGET void forward_##NAME(const Tensors &x, const ForwardOut &o, const Tile &tile, int64_t n,              \
                              const ForwardScratch &s) {                                                       \
-    cmp_attn::forward_item<W, SW>(x, o, t, n, s);                                                             \
+    cmp_attn::forward_item<W, W>(x, o, tile, n, s);                                                           \
   }                                                                                                           \
-  TARGET void query_##NAME(const Tensors &x, const BackwardIn &in, int64_t t, int64_t n, void *dq,            \
+  TARGET void query_##NAME(const Tensors &x, const BackwardIn &in, const Tile &tile, int64_t n, void *dq,     \
                            float *delta, const BackwardScratch &s) {                                          \
-    cmp_attn::backward_query_item<W, SW>(x, in, t, n, dq, delta, s);                                          \
+    cmp_attn::backward_query_item<W, W>(x, in, tile, n, dq, delta, s);                                        \
   }                                                                                                           \
-  TARGET void key_##NAME(const Tensors &x, const BackwardIn &in, int64_t b, int64_t key0, int64_t n,          \
-                         const float *delta, void *dk, void *dv, const BackwardScratch &s) {                  \
-    cmp_attn::backward_key_item<W, SW>(x, in, b, key0, n, delta, dk, dv, s);                                  \
+  TARGET void key_##NAME(const Tensors &x, const BackwardIn &in, const Tile *tiles, int64_t tile_count,       \
+                         int64_t kv_begin, int64_t kv_len, int64_t key0, int64_t n, const float *delta,       \
+                         void *dk, void *dv, const BackwardScratch &s) {                                      \
+    cmp_attn::backward_key_item<W, W>(x, in, tiles, tile_count, kv_begin, kv_len, key0, n, delta, dk, dv, s); \
   }                                                                                                           \
-  constexpr Kernels kKernels_##NAME = {forward_##NAME, query_##NAME, key_##NAME, SW};
+  constexpr Kernels kKernels_##NAME = {forward_##NAME, query_##NAME, key_##NAME, W};
 
-MS_NSA_CMP_ENTRY_POINTS(avx512_16, MS_NSA_TARGET_AVX512, 16, 16)
-MS_NSA_CMP_ENTRY_POINTS(avx512_8, MS_NSA_TARGET_AVX512, 16, 8)
-MS_NSA_CMP_ENTRY_POINTS(avx512_4, MS_NSA_TARGET_AVX512, 16, 4)
-MS_NSA_CMP_ENTRY_POINTS(avx2_8, MS_NSA_TARGET_AVX2, 8, 8)
-MS_NSA_CMP_ENTRY_POINTS(avx2_4, MS_NSA_TARGET_AVX2, 8, 4)
-MS_NSA_CMP_ENTRY_POINTS(baseline_4, MS_NSA_TARGET_BASELINE, 4, 4)
+// Score vectors as wide as the ISA's: tiles of several query rows fill them when G is small.
+MS_NSA_CMP_ENTRY_POINTS(avx512, MS_NSA_TARGET_AVX512, 16)
+MS_NSA_CMP_ENTRY_POINTS(avx2, MS_NSA_TARGET_AVX2, 8)
+MS_NSA_CMP_ENTRY_POINTS(baseline, MS_NSA_TARGET_BASELINE, 4)
 
-// The narrowest score vector that holds a group, within the ISA.
-const Kernels &kernels_for(int64_t group) {
+const Kernels &active_kernels() {
   switch (active_isa()) {
-    case Isa::kAvx512:
-      return group <= 4 ? kKernels_avx512_4 : group <= 8 ? kKernels_avx512_8 : kKernels_avx512_16;
-    case Isa::kAvx2:
-      return group <= 4 ? kKernels_avx2_4 : kKernels_avx2_8;
-    default:
-      return kKernels_baseline_4;
+    case Isa::kAvx512: return kKernels_avx512;
+    case Isa::kAvx2: return kKernels_avx2;
+    default: return kKernels_baseline;
   }
+}
+
+// Every batch's query rows cut into tiles of `rows_per_tile`, in row order; tile_begin[b] is batch b's
+// first tile (tile_begin[B] = the tile count).
+struct Tiling {
+  std::vector<Tile> tiles;
+  std::vector<int64_t> tile_begin;
+};
+
+Tiling make_tiles(const CompressAttentionProblem &p, int64_t rows_per_tile) {
+  const Segments queries{p.cu_seqlens_q, p.batch_count}, keys{p.cu_seqlens_kv, p.batch_count};
+  Tiling tiling;
+  for (int64_t b = 0; b < p.batch_count; ++b) {
+    tiling.tile_begin.push_back(static_cast<int64_t>(tiling.tiles.size()));
+    for (int64_t t0 = queries.begin(b); t0 < queries.end(b); t0 += rows_per_tile) {
+      tiling.tiles.push_back({t0, std::min(rows_per_tile, queries.end(b) - t0), t0 - queries.begin(b),
+                              keys.begin(b), keys.length(b)});
+    }
+  }
+  tiling.tile_begin.push_back(static_cast<int64_t>(tiling.tiles.size()));
+  return tiling;
 }
 
 NsaError bad(Status status, const std::ostringstream &msg) { return {status, msg.str()}; }
@@ -168,8 +186,11 @@ NsaError compress_attention_forward(const CompressAttentionProblem &p, const voi
   NsaError err = compress_attention_validate(p);
   if (err.status != kOk) return err;
   const int64_t group = p.q_heads / p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
-  const Kernels &kernels = kernels_for(group);
-  const int64_t gp = cmp_attn::padded_group(group, kernels.score_lanes);
+  const Kernels &kernels = active_kernels();
+  const int64_t rows = cmp_attn::tile_rows(group, kernels.score_lanes);
+  const int64_t gp = cmp_attn::padded_group(rows * group, kernels.score_lanes);
+  const Tiling tiling = make_tiles(p, rows);
+  const int64_t items = static_cast<int64_t>(tiling.tiles.size()) * p.kv_heads;
   const FloatView key32(p.dtype, key, p.kv_tokens * p.kv_heads * D), value32(p.dtype, value, p.kv_tokens * p.kv_heads * Dv);
   const Tensors x{&p, query, key32.get(), value32.get()};
   const ForwardOut out{softmax_max, softmax_sum, attention_out, topk_indices};
@@ -192,8 +213,8 @@ NsaError compress_attention_forward(const CompressAttentionProblem &p, const voi
     s.importance = take(blocks);
     s.order = order.data();
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t item = 0; item < p.q_tokens * p.kv_heads; ++item) {
-      kernels.forward(x, out, item / p.kv_heads, item % p.kv_heads, s);
+    for (int64_t item = 0; item < items; ++item) {
+      kernels.forward(x, out, tiling.tiles[item / p.kv_heads], item % p.kv_heads, s);
     }
   }
   return {};
@@ -206,8 +227,11 @@ NsaError compress_attention_backward(const CompressAttentionProblem &p, const vo
   NsaError err = compress_attention_validate(p);
   if (err.status != kOk) return err;
   const int64_t group = p.q_heads / p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim, N2 = p.kv_heads;
-  const Kernels &kernels = kernels_for(group);
-  const int64_t gp = cmp_attn::padded_group(group, kernels.score_lanes);
+  const Kernels &kernels = active_kernels();
+  const int64_t rows = cmp_attn::tile_rows(group, kernels.score_lanes);
+  const int64_t gp = cmp_attn::padded_group(rows * group, kernels.score_lanes);
+  const Tiling tiling = make_tiles(p, rows);
+  const int64_t tile_items = static_cast<int64_t>(tiling.tiles.size()) * N2;
   const FloatView key32(p.dtype, key, p.kv_tokens * N2 * D), value32(p.dtype, value, p.kv_tokens * N2 * Dv);
   const Tensors x{&p, query, key32.get(), value32.get()};
   const BackwardIn in{attention_out, grad, softmax_max, softmax_sum};
@@ -220,34 +244,38 @@ NsaError compress_attention_backward(const CompressAttentionProblem &p, const vo
     for (int64_t key0 = 0; key0 < keys.length(b); key0 += cmp_attn::kKeyChunk) chunks.emplace_back(b, key0);
   }
   const int64_t chunk_items = static_cast<int64_t>(chunks.size()) * N2;
-  const int64_t acc_rows = std::max(group, cmp_attn::kKeyChunk);
+  const int64_t acc_rows = std::max(gp, cmp_attn::kKeyChunk);
 
 #pragma omp parallel num_threads(nsa_get_num_threads())
   {
-    std::vector<float> buffer(D * gp + group * D + Dv * gp + group * Dv + 3 * gp + 2 * cmp_attn::kKeyChunk * gp +
+    std::vector<float> buffer(D * gp + gp * D + Dv * gp + gp * Dv + 3 * gp + 2 * cmp_attn::kKeyChunk * gp +
                               acc_rows * D + cmp_attn::kKeyChunk * Dv + std::max(D, Dv));
+    std::vector<uint8_t> masked(cmp_attn::kKeyChunk * rows);
     float *at = buffer.data();
     auto take = [&at](int64_t n) { float *p = at; at += n; return p; };
     BackwardScratch s;
     s.q_t = take(D * gp);
-    s.q_rows = take(group * D);
+    s.q_rows = take(gp * D);
     s.do_t = take(Dv * gp);
-    s.do_rows = take(group * Dv);
+    s.do_rows = take(gp * Dv);
     s.stats = take(3 * gp);
     s.scores = take(cmp_attn::kKeyChunk * gp);
     s.dp = take(cmp_attn::kKeyChunk * gp);
     s.acc_k = take(acc_rows * D);
     s.acc_v = take(cmp_attn::kKeyChunk * Dv);
     s.tmp = take(std::max(D, Dv));
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t item = 0; item < p.q_tokens * N2; ++item) {
-      kernels.backward_query(x, in, item / N2, item % N2, dq, delta.data(), s);
+    s.masked = masked.data();
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t item = 0; item < tile_items; ++item) {
+      kernels.backward_query(x, in, tiling.tiles[item / N2], item % N2, dq, delta.data(), s);
     }
     // (implicit barrier: phase 2 reads every delta)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < chunk_items; ++item) {
       const auto &chunk = chunks[item / N2];
-      kernels.backward_key(x, in, chunk.first, chunk.second, item % N2, delta.data(), dk, dv, s);
+      const int64_t b = chunk.first, first_tile = tiling.tile_begin[b];
+      kernels.backward_key(x, in, tiling.tiles.data() + first_tile, tiling.tile_begin[b + 1] - first_tile,
+                           keys.begin(b), keys.length(b), chunk.second, item % N2, delta.data(), dk, dv, s);
     }
   }
   return {};
