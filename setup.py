@@ -12,7 +12,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CORE_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc"]
-KERNEL_SOURCES = CORE_SOURCES + ["custom_aot/nsa_aot.cc"]
+# Every op's kernel folder (custom_aot/<op>/) and the shared files at the top; tests/ holds drivers and
+# twin/ the Ascend twin's stand-in library (built on its own below).
+KERNEL_SOURCES = sorted(path for path in glob.glob("custom_aot/**/*.cc", recursive=True)
+                        if not path.startswith(("custom_aot/tests/", "custom_aot/twin/")))
 # One stand-in file per aclnn op (each also declares its CPU entry points) plus the shared shim.
 TWIN_SOURCES = CORE_SOURCES + sorted(glob.glob("custom_aot/twin/*.cc"))
 TWIN_INCLUDES = ["custom_aot", "custom_aot/twin", "ms_nsa/twin_cann/include"]
@@ -44,7 +47,7 @@ setup(
     name="ms_nsa",
     version="0.1.0",
     description="NSA selected attention (aclnnNsaSelectedAttention and its gradient) for MindSpore",
-    packages=["ms_nsa", "ms_nsa.ops_yaml"],
+    packages=["ms_nsa", "ms_nsa.compress", "ms_nsa.compress_attention", "ms_nsa.window", "ms_nsa.ops_yaml"],
     package_dir={"ms_nsa": "ms_nsa", "ms_nsa.ops_yaml": "ops_yaml"},
     package_data={"ms_nsa.ops_yaml": ["*.yaml"], "ms_nsa": ["twin_cann/include/*/*.h", "twin_cann/opp/README"]},
     include_package_data=True,
@@ -53,7 +56,7 @@ setup(
             "ms_nsa.libms_nsa_cpu",
             sources=KERNEL_SOURCES,
             include_dirs=["custom_aot"],
-            depends=sorted(glob.glob("custom_aot/*.h")),
+            depends=sorted(glob.glob("custom_aot/**/*.h", recursive=True)),
             extra_compile_args=KERNEL_FLAGS,
             extra_link_args=["-fopenmp"],
             language="c++",

@@ -10,10 +10,9 @@
 // Attributes (read once per shape in the *Init functions): scale_value, head_num, sparse_mode,
 // select_block_size, select_block_count.
 #include <cstring>
-#include <stdexcept>
-#include <mutex>
 #include <string>
 
+#include "aot_common.h"
 #include "aot_extra.h"
 #include "nsa_core.h"
 
@@ -33,34 +32,12 @@ struct NsaAttrs : public AotKernelData {
   int64_t select_block_count = 0;
 };
 
-std::mutex g_error_mutex;
-std::string g_last_error;
-int g_last_status = 0;
-
-// Records the error for ms_nsa's Python layer (which re-raises it as ValueError/TypeError in PyNative)
-// and throws it: MindSpore catches exceptions from AOT kernels and raises a RuntimeError carrying
-// what() in both PyNative and graph mode, so the message reaches the user either way. A bare non-zero
-// return would surface only as "return value 4".
-int report(const char *function, const NsaError &err) {
-  if (err.status == ms_nsa::kOk) return 0;
-  {
-    std::lock_guard<std::mutex> lock(g_error_mutex);
-    g_last_error = err.message;
-    g_last_status = err.status;
-  }
-  throw std::invalid_argument(std::string(function) + ": " + err.message);
-}
+using ms_nsa::aot::report;
 
 constexpr const char *kForwardName = "nsa_select_attention";
 constexpr const char *kBackwardName = "nsa_select_attention_grad";
 
-bool parse_dtype(const char *name, DType *dtype) {
-  if (std::strcmp(name, "float32") == 0) *dtype = DType::kFloat32;
-  else if (std::strcmp(name, "float16") == 0) *dtype = DType::kFloat16;
-  else if (std::strcmp(name, "bfloat16") == 0) *dtype = DType::kBFloat16;
-  else return false;
-  return true;
-}
+using ms_nsa::aot::parse_dtype;
 
 int read_attrs(AotExtra *extra) {
   auto *attrs = new NsaAttrs;
@@ -167,27 +144,5 @@ int NsaSelectAttentionGrad(int nparam, void **params, int *ndims, int64_t **shap
                                      static_cast<const int32_t *>(params[7]), params[10], params[11],
                                      params[12]));
 }
-
-// Introspection for the Python layer (ctypes): the last error's message and status, thread count.
-const char *ms_nsa_last_error_message() {
-  static thread_local std::string copy;
-  std::lock_guard<std::mutex> lock(g_error_mutex);
-  copy = g_last_error;
-  return copy.c_str();
-}
-
-int ms_nsa_last_error_status() {
-  std::lock_guard<std::mutex> lock(g_error_mutex);
-  return g_last_status;
-}
-
-void ms_nsa_clear_error() {
-  std::lock_guard<std::mutex> lock(g_error_mutex);
-  g_last_error.clear();
-  g_last_status = 0;
-}
-
-void ms_nsa_set_num_threads(int num_threads) { ms_nsa::nsa_set_num_threads(num_threads); }
-int ms_nsa_get_num_threads() { return ms_nsa::nsa_get_num_threads(); }
 
 }  // extern "C"

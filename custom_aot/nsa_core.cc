@@ -18,12 +18,11 @@
 #include "nsa_core.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "nsa_dtype.h"
 #include "nsa_geometry.h"
+#include "nsa_isa.h"
 #include "nsa_kernels.h"
 
 #ifdef _OPENMP
@@ -60,10 +59,6 @@ struct Kernels {
   int score_lanes;
 };
 
-#define MS_NSA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
-#define MS_NSA_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define MS_NSA_TARGET_BASELINE
-
 // Defines the three entry points of one instantiation; the target attribute makes the always_inline
 // bodies compile for that instruction set.
 #define MS_NSA_ENTRY_POINTS(NAME, TARGET, W, SW)                                                          \
@@ -90,26 +85,6 @@ MS_NSA_ENTRY_POINTS(avx512_4, MS_NSA_TARGET_AVX512, 16, 4)
 MS_NSA_ENTRY_POINTS(avx2_8, MS_NSA_TARGET_AVX2, 8, 8)
 MS_NSA_ENTRY_POINTS(avx2_4, MS_NSA_TARGET_AVX2, 8, 4)
 MS_NSA_ENTRY_POINTS(baseline_4, MS_NSA_TARGET_BASELINE, 4, 4)
-
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-  const char *forced = std::getenv("MS_NSA_ISA");
-  __builtin_cpu_init();
-  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                        __builtin_cpu_supports("f16c");
-  // A forced choice is honoured only if the CPU can run it.
-  if (forced && std::strcmp(forced, "baseline") == 0) return Isa::kBaseline;
-  if (forced && std::strcmp(forced, "avx2") == 0 && has_avx2) return Isa::kAvx2;
-  if (has_avx512) return Isa::kAvx512;
-  return has_avx2 ? Isa::kAvx2 : Isa::kBaseline;
-}
-
-Isa active_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
 
 // The narrowest score vector that holds a group (fewer wasted lanes for small G), within the ISA.
 const Kernels &kernels_for(int64_t group) {

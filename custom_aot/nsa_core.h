@@ -10,9 +10,9 @@
 #include <cstdint>
 #include <string>
 
-namespace ms_nsa {
+#include "nsa_status.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace ms_nsa {
 
 // Which keys of the selection a query row sees. kCausal is ms_nsa's rule (docs/semantics.md); the
 // kCann* rules reproduce what CANN's kernels do, for the aclnn stand-in of the Ascend twin
@@ -47,22 +47,6 @@ struct NsaProblem {
 
 // Width of the softmax_max / softmax_sum rows: one value repeated to fill 32 bytes, as CANN stores it.
 constexpr int64_t kSoftmaxStatWidth = 8;
-
-// Status codes shared with ms_nsa/_errors.py (keep the two in step).
-enum Status : int {
-  kOk = 0,
-  kBadProblem = 1,          // sizes or attributes outside what the kernel accepts
-  kBadCumulativeLength = 2, // cu_seqlens decreasing, negative or not ending at the token count
-  kBadKvLength = 3,         // a batch's KV length not a multiple of beta or shorter than beta * C
-  kIndexOutOfRange = 4,     // a topk index outside [0, that batch's KV length / beta)
-  kUnsupportedDType = 5,
-  kInternal = 6,
-};
-
-struct NsaError {
-  Status status = kOk;
-  std::string message;  // what went wrong, naming the argument, the value and what is allowed
-};
 
 // Checks the sizes, the cumulative lengths and every topk index before any tensor data is read.
 NsaError nsa_validate(const NsaProblem &problem, const int32_t *topk_indices);

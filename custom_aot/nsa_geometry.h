@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "nsa_core.h"
+#include "nsa_varlen.h"
 
 namespace ms_nsa {
 
@@ -18,12 +19,9 @@ struct QueryRow {
 };
 
 inline QueryRow locate_query_row(const NsaProblem &p, int64_t t) {
-  // First batch whose cumulative end exceeds t; zero-length batches are stepped over naturally.
-  const int64_t *end = p.cu_seqlens_q + p.batch_count;
-  const int64_t b = std::upper_bound(p.cu_seqlens_q, end, t) - p.cu_seqlens_q;
-  const int64_t q_begin = b == 0 ? 0 : p.cu_seqlens_q[b - 1];
-  const int64_t kv_begin = b == 0 ? 0 : p.cu_seqlens_kv[b - 1];
-  return {b, kv_begin, t - q_begin};
+  const Segments queries{p.cu_seqlens_q, p.batch_count}, keys{p.cu_seqlens_kv, p.batch_count};
+  const int64_t b = queries.batch_of(t);
+  return {b, keys.begin(b), t - queries.begin(b)};
 }
 
 // The one place the mask lives, shared by forward and backward: how many leading rows of the block

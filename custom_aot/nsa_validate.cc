@@ -5,6 +5,7 @@
 
 #include "nsa_core.h"
 #include "nsa_geometry.h"
+#include "nsa_varlen.h"
 
 namespace ms_nsa {
 namespace {
@@ -25,27 +26,6 @@ std::string describe_problem_error(const NsaProblem &p) {
     msg << "actual_seq_qlen and actual_seq_kvlen must hold at least one entry, got " << p.batch_count;
   }
   return msg.str();
-}
-
-NsaError check_cumulative(const char *name, const int64_t *cu, int64_t count, int64_t total,
-                          const char *total_name) {
-  int64_t previous = 0;
-  for (int64_t b = 0; b < count; ++b) {
-    if (cu[b] < previous) {
-      std::ostringstream msg;
-      msg << name << "[" << b << "] = " << cu[b] << " is smaller than the entry before it (" << previous
-          << "); cumulative lengths must be non-decreasing and start at 0 or more";
-      return {kBadCumulativeLength, msg.str()};
-    }
-    previous = cu[b];
-  }
-  if (previous != total) {
-    std::ostringstream msg;
-    msg << name << "[-1] = " << previous << " must equal " << total_name << " = " << total
-        << " (lengths are cumulative: the last entry is the total token count)";
-    return {kBadCumulativeLength, msg.str()};
-  }
-  return {};
 }
 
 }  // namespace

@@ -82,25 +82,37 @@ class _KernelOp(ops.Custom):
             raise _errors.kernel_exception(self._nsa_function, status, message) from err
 
 
-def _build(op_def: OpDef, attrs: dict, bprop=None) -> _KernelOp:
+def build_op(op_def: OpDef, attrs: dict, bprop=None, *, absent=(), derived_dims=None, flags=None) -> _KernelOp:
+    """The Custom op of `op_def` for these (checked) attributes: the one construction every CPU op uses.
+
+    `absent`: optional inputs the caller replaces by a placeholder (their shapes and dtypes are not
+    checked; the kernel learns of it from `flags`, extra int attributes such as has_atten_mask).
+    `derived_dims`: output dimensions no input binds (e.g. nsa_compress's window count).
+    """
     names = kernel_inputs(op_def)
+    single = len(op_def.outputs) == 1
 
     # Called by MindSpore with the inputs' shapes and dtypes: in PyNative per call, in graph mode at
     # compile time, so bad shapes and dtypes fail before the kernel runs, with the yaml's messages.
     def infer_shape(*shapes):
-        dims = op_def.bind_dims(dict(zip(names, shapes)), attrs, BACKEND)
-        return tuple(op_def.infer_shapes(dims, attrs))
+        dims = op_def.bind_dims({n: s for n, s in zip(names, shapes) if n not in absent}, attrs, BACKEND)
+        dims.update(derived_dims or {})
+        inferred = op_def.infer_shapes(dims, attrs)
+        return inferred[0] if single else tuple(inferred)
 
     def infer_dtype(*dtypes):
-        named = {name: dtype_name(d) for name, d in zip(names, dtypes)}
+        named = {name: dtype_name(d) for name, d in zip(names, dtypes) if name not in absent}
         op_def.check_dtypes(named, BACKEND)
-        return tuple(ms_dtype(dtype) for dtype in op_def.infer_dtypes(named))
+        inferred = [ms_dtype(dtype) for dtype in op_def.infer_dtypes(named)]
+        return inferred[0] if single else tuple(inferred)
 
     op = _KernelOp(f"{library_path()}:{op_def.cpu_entry}", out_shape=infer_shape, out_dtype=infer_dtype,
                    func_type="aot", bprop=bprop)
     op._nsa_function = op_def.python["function"]
     for name, value in attrs.items():
         op.add_prim_attr(name, float(value) if op_def.arg(name).kind == "float" else value)
+    for name, value in (flags or {}).items():
+        op.add_prim_attr(name, int(value))
     return op
 
 
@@ -117,7 +129,7 @@ def _attrs(op_def: OpDef, scale_value, head_num, sparse_mode, select_block_size,
 def grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count) -> _KernelOp:
     """The gradient primitive for these attributes (checked against the yaml and normalised)."""
     op_def = load_op_def(BACKWARD)
-    return _build(op_def, _attrs(op_def, scale_value, head_num, sparse_mode, select_block_size,
+    return build_op(op_def, _attrs(op_def, scale_value, head_num, sparse_mode, select_block_size,
                                  select_block_count))
 
 
@@ -138,7 +150,7 @@ def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_blo
         return (dq, dk, dv, ops.zeros_like(topk_indices), ops.zeros_like(actual_seq_qlen),
                 ops.zeros_like(actual_seq_kvlen))
 
-    return _build(op_def, attrs, bprop=bprop)
+    return build_op(op_def, attrs, bprop=bprop)
 
 
 def int_array(values):

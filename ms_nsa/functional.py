@@ -152,10 +152,9 @@ def _constant_cumulative(lengths, total, name, op_name):
     return _backend.int_array(values)
 
 
-def _check_lengths_paired(q_missing, kv_missing, op_name):
+def _check_lengths_paired(q_missing, kv_missing, op_name, names=("actual_seq_qlen", "actual_seq_kvlen")):
     if q_missing != kv_missing:
-        given, missing = ("actual_seq_kvlen", "actual_seq_qlen") if q_missing else \
-            ("actual_seq_qlen", "actual_seq_kvlen")
+        given, missing = (names[1], names[0]) if q_missing else names
         raise ValueError(f"{_function_name(op_name)}: {given} was given but {missing} is None; pass both "
                          f"(packed batches) or neither (one batch)")
 

@@ -1,4 +1,5 @@
-"""`nn.Cell` faces: `ms_nsa.nn.NsaSelectAttention` (the op) and `ms_nsa.nn.NativeSparseAttention` (the NSA layer)."""
+"""`nn.Cell` faces: `ms_nsa.nn.NsaSelectAttention` and `ms_nsa.nn.NsaWindowAttention` (the ops) and
+`ms_nsa.nn.NativeSparseAttention` (the NSA layer)."""
 from __future__ import annotations
 
 from mindspore import nn
@@ -6,6 +7,7 @@ from mindspore import nn
 from . import _backend
 from .functional import nsa_select_attention
 from .op_def import FORWARD, load_op_def
+from .window import NsaWindowAttention  # noqa: F401  (re-exported)
 
 
 class NsaSelectAttention(nn.Cell):

@@ -83,7 +83,7 @@ class ArgDef:
 @dataclass(frozen=True)
 class OpDef:
     name: str
-    aclnn: str
+    aclnn: Optional[str]           # None: no aclnn op (an ms_nsa-defined gradient)
     cpu_entry: str
     args: Tuple[ArgDef, ...]
     dims: Mapping[str, Mapping[str, Any]]
@@ -148,7 +148,26 @@ class OpDef:
                 raise self._error(ValueError, f"{arg.name} = {value!r} is not allowed: it must be "
                                               f"{_describe_rules(rules)}")
             normalised[arg.name] = value
+        self._check_attr_relations(normalised, backend)
         return normalised
+
+    # Rules between two int attributes: the arg's value must be <=, >= or a multiple of the other's.
+    _RELATIONS = {
+        "at_most_arg": (lambda a, b: a <= b, "at most"),
+        "at_least_arg": (lambda a, b: a >= b, "at least"),
+        "multiple_of_arg": (lambda a, b: b != 0 and a % b == 0, "a multiple of"),
+    }
+
+    def _check_attr_relations(self, values: Mapping[str, Any], backend: str) -> None:
+        for arg in self.attr_args:
+            rules = arg.resolved(backend)
+            for key, (holds, words) in self._RELATIONS.items():
+                other = rules.get(key)
+                if other is None or arg.name not in values or other not in values:
+                    continue
+                if not holds(values[arg.name], values[other]):
+                    raise self._error(ValueError, f"{arg.name} = {values[arg.name]!r} must be {words} {other} = "
+                                                  f"{values[other]!r}")
 
     def python_tensor_args(self) -> List[str]:
         """The tensor arguments of the Python function, in its positional order."""
@@ -273,7 +292,7 @@ def _parse(name: str, body: Mapping[str, Any]) -> OpDef:
         args.append(ArgDef(arg_name, spec["kind"], rules, bool(spec.get("optional", False)), spec.get("default")))
     return OpDef(
         name=name,
-        aclnn=body["aclnn"],
+        aclnn=body.get("aclnn"),
         cpu_entry=body["cpu_entry"],
         args=tuple(args),
         dims=body.get("dims", {}),

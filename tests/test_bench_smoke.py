@@ -1,4 +1,4 @@
-"""benchmarks/bench_cpu.py still runs (a smoke test of the script: no timing is asserted)."""
+"""benchmarks/bench_cpu.py and bench_window.py still run (smoke tests of the scripts: no timing is asserted)."""
 import json
 import os
 import subprocess
@@ -23,3 +23,13 @@ def test_quick_benchmark_writes_its_json(tmp_path):
     assert set(report["variants_fwd_bwd_seconds"]) == {"float32", "float16", "bfloat16", "long_t2"}
     assert report["sgemm_gflops"]["numpy_default"] > 0
     assert (tmp_path / "bench_cpu_quick.png").exists()
+
+
+def test_quick_window_benchmark_runs():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_window.py"), "--quick"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for row in report["results"]:
+        for which in ("fused", "stock"):
+            assert row[which]["seconds"] > 0 and row[which]["peak_rss"] > 0, row

@@ -1,9 +1,11 @@
 """The C++ kernels under AddressSanitizer + UndefinedBehaviorSanitizer, without MindSpore.
 
-Builds custom_aot/*.cc (core, validation, AOT entry layer) with custom_aot/tests/sanitize_driver.cc,
-which calls the entry points the way MindSpore does on exactly-sized buffers: valid problems in every
-dtype and mode, every data-dependent error, and 300 random corruptions. Any out-of-bounds access or
-undefined behaviour aborts the driver; a wrong status code makes it exit non-zero.
+Builds every kernel source (custom_aot/**/*.cc: cores, validation, AOT entry layers) with each driver
+in custom_aot/tests/ (sanitize_driver.cc: the selected pair; sanitize_compress_driver.cc: nsa_compress
+and nsa_compress_attention; sanitize_window_driver.cc: nsa_window_attention), which call the entry
+points the way MindSpore does on exactly-sized buffers: valid problems in every dtype and mode, every
+data-dependent error, and 300 random corruptions. Any out-of-bounds access or undefined behaviour
+aborts the driver; a wrong status code makes it exit non-zero.
 """
 import os
 import re
@@ -17,12 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "custom_aot"
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+# driver -> the kernel folders it links (the top level holds the shared files and the selected pair)
+DRIVERS = {"sanitize_driver": ["."], "sanitize_compress_driver": [".", "compress", "compress_attention"],
+           "sanitize_window_driver": [".", "window"]}
+
+
+@pytest.fixture(scope="module", params=sorted(DRIVERS))
+def driver(request, tmp_path_factory):
     compiler = shutil.which("g++")
     assert compiler, "g++ is needed to build the sanitizer driver"
-    binary = tmp_path_factory.mktemp("sanitize") / "sanitize_driver"
-    sources = sorted(str(p) for p in KERNELS.glob("*.cc")) + [str(KERNELS / "tests" / "sanitize_driver.cc")]
+    binary = tmp_path_factory.mktemp("sanitize") / request.param
+    kernels = sorted(str(p) for folder in DRIVERS[request.param] for p in (KERNELS / folder).glob("*.cc"))
+    sources = kernels + [str(KERNELS / "tests" / f"{request.param}.cc")]
     cmd = [compiler, "-std=c++17", "-O1", "-g", "-fopenmp", "-fno-omit-frame-pointer",
            "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-D_GLIBCXX_USE_CXX11_ABI=0",
            f"-I{KERNELS}", *sources, "-o", str(binary)]

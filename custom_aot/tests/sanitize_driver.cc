@@ -17,55 +17,26 @@
 #include <string>
 #include <vector>
 
-#include "../aot_extra.h"
 #include "../nsa_core.h"
-#include "../nsa_dtype.h"
+#include "driver_common.h"
 
 extern "C" {
 int NsaSelectAttentionInit(int *, int64_t **, const char **, mindspore::AotExtra *);
 int NsaSelectAttention(int, void **, int *, int64_t **, const char **, void *, void *);
 int NsaSelectAttentionGradInit(int *, int64_t **, const char **, mindspore::AotExtra *);
 int NsaSelectAttentionGrad(int, void **, int *, int64_t **, const char **, void *, void *);
-int ms_nsa_last_error_status();
-void ms_nsa_clear_error();
 }
 
 namespace {
 
-class FakeExtra : public mindspore::AotExtra {
- public:
-  std::map<std::string, int64_t> ints;
-  float scale = 0.125f;
-  ~FakeExtra() override { delete KernelData(); }
-  bool HasAttr(std::string name) override { return ints.count(name) > 0 || name == "scale_value"; }
-  bool GetAttrBool(std::string) override { return false; }
-  int64_t GetAttrInt(std::string name) override { return ints.at(name); }
-  float GetAttrFloat(std::string) override { return scale; }
-  std::string GetAttrStr(std::string) override { return "TND"; }
-  std::vector<int64_t> GetAttrIntVec(std::string) override { return {}; }
-  std::vector<float> GetAttrFloatVec(std::string) override { return {}; }
-  std::vector<std::vector<int64_t>> GetAttrInt2DVec(std::string) override { return {}; }
-  std::vector<std::vector<float>> GetAttrFloat2DVec(std::string) override { return {}; }
-};
-
-// A tensor owning exactly the bytes its shape needs.
-struct Buffer {
-  std::vector<int64_t> shape;
-  std::string dtype;
-  std::vector<unsigned char> bytes;
-  Buffer(std::vector<int64_t> s, std::string d) : shape(std::move(s)), dtype(std::move(d)) {
-    int64_t n = 1;
-    for (int64_t v : shape) n *= v;
-    bytes.assign(static_cast<size_t>(n) * element_size(), 0);
-  }
-  size_t element_size() const {
-    if (dtype == "float32" || dtype == "int32") return 4;
-    if (dtype == "int64") return 8;
-    return 2;
-  }
-  int64_t count() const { return static_cast<int64_t>(bytes.size() / element_size()); }
-  template <typename T> T *as() { return reinterpret_cast<T *>(bytes.data()); }
-};
+using driver::Buffer;
+using driver::expect;
+using driver::failures;
+using driver::fill_random;
+using driver::invalid_runs;
+using driver::rng;
+using driver::valid_runs;
+using driver::all_finite;
 
 struct Problem {
   std::vector<int64_t> q_lens, kv_lens;
@@ -74,18 +45,6 @@ struct Problem {
   std::string dtype = "float32";
   bool duplicates = false;
 };
-
-std::mt19937_64 rng(1234);
-
-void fill_random(Buffer &b) {
-  std::normal_distribution<float> normal;
-  for (int64_t i = 0; i < b.count(); ++i) {
-    const float x = normal(rng);
-    if (b.dtype == "float32") b.as<float>()[i] = x;
-    else ms_nsa::store_row(b.dtype == "float16" ? ms_nsa::DType::kFloat16 : ms_nsa::DType::kBFloat16,
-                           &x, b.bytes.data(), i, 1);
-  }
-}
 
 struct Inputs {
   Buffer q, k, v, topk, cu_q, cu_kv;
@@ -120,32 +79,12 @@ struct Inputs {
   }
 };
 
-// Calls an entry point MindSpore-style; returns the status (0 = ok), catching the thrown error.
-int launch(int (*init)(int *, int64_t **, const char **, mindspore::AotExtra *),
-           int (*kernel)(int, void **, int *, int64_t **, const char **, void *, void *),
-           std::vector<Buffer *> tensors, const Problem &p, int64_t head_num_override = -1) {
-  std::vector<void *> params;
-  std::vector<int> ndims;
-  std::vector<int64_t *> shapes;
-  std::vector<const char *> dtypes;
-  for (Buffer *t : tensors) {
-    params.push_back(t->bytes.data());
-    ndims.push_back(static_cast<int>(t->shape.size()));
-    shapes.push_back(t->shape.data());
-    dtypes.push_back(t->dtype.c_str());
-  }
-  FakeExtra extra;
-  extra.ints = {{"head_num", head_num_override >= 0 ? head_num_override : p.q_heads},
-                {"sparse_mode", p.sparse_mode}, {"select_block_size", p.block},
-                {"select_block_count", p.count}};
-  init(ndims.data(), shapes.data(), dtypes.data(), &extra);
-  ms_nsa_clear_error();
-  try {
-    return kernel(static_cast<int>(params.size()), params.data(), ndims.data(), shapes.data(), dtypes.data(),
-                  nullptr, &extra);
-  } catch (const std::invalid_argument &) {
-    return ms_nsa_last_error_status();
-  }
+int launch(driver::InitFn init, driver::KernelFn kernel, std::vector<Buffer *> tensors, const Problem &p,
+           int64_t head_num_override = -1) {
+  return driver::call_entry(init, kernel, tensors,
+                            {{"head_num", head_num_override >= 0 ? head_num_override : p.q_heads},
+                             {"sparse_mode", p.sparse_mode}, {"select_block_size", p.block},
+                             {"select_block_count", p.count}});
 }
 
 struct Outputs {
@@ -168,26 +107,6 @@ int backward(Inputs &in, Outputs &o, const Problem &p) {
   return launch(NsaSelectAttentionGradInit, NsaSelectAttentionGrad,
                 {&in.q, &in.k, &in.v, &o.out, &o.d_out, &o.softmax_max, &o.softmax_sum, &in.topk, &in.cu_q,
                  &in.cu_kv, &o.dq, &o.dk, &o.dv}, p);
-}
-
-int failures = 0, valid_runs = 0, invalid_runs = 0;
-
-void expect(bool ok, const std::string &what) {
-  if (!ok) {
-    ++failures;
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-  }
-}
-
-bool all_finite(const Buffer &b) {
-  for (int64_t i = 0; i < b.count(); ++i) {
-    float x;
-    if (b.dtype == "float32") x = reinterpret_cast<const float *>(b.bytes.data())[i];
-    else ms_nsa::load_row(b.dtype == "float16" ? ms_nsa::DType::kFloat16 : ms_nsa::DType::kBFloat16,
-                          b.bytes.data(), i, &x, 1);
-    if (!std::isfinite(x)) return false;
-  }
-  return true;
 }
 
 void run_valid(const Problem &p, const std::string &name) {

@@ -1,0 +1,39 @@
+// What every op's thin AOT entry layer shares: the dtype names MindSpore passes, and how a kernel
+// status reaches the user (recorded for ms_nsa's Python layer, then thrown for MindSpore).
+#ifndef MS_NSA_AOT_COMMON_H_
+#define MS_NSA_AOT_COMMON_H_
+
+#include <cstdint>
+#include <cstring>
+
+#include "nsa_status.h"
+
+namespace ms_nsa {
+namespace aot {
+
+// float32 / float16 / bfloat16; false for anything else.
+inline bool parse_dtype(const char *name, DType *dtype) {
+  if (std::strcmp(name, "float32") == 0) *dtype = DType::kFloat32;
+  else if (std::strcmp(name, "float16") == 0) *dtype = DType::kFloat16;
+  else if (std::strcmp(name, "bfloat16") == 0) *dtype = DType::kBFloat16;
+  else return false;
+  return true;
+}
+
+inline bool is_dtype(const char *name, const char *want) { return std::strcmp(name, want) == 0; }
+
+// A 3-D tensor of exactly [a, b, c].
+inline bool has_shape(int ndim, const int64_t *shape, int64_t a, int64_t b, int64_t c) {
+  return ndim == 3 && shape[0] == a && shape[1] == b && shape[2] == c;
+}
+
+// Returns 0 for kOk. Otherwise records the error for ms_nsa's Python layer (which re-raises it as
+// ValueError/TypeError in PyNative) and throws it: MindSpore catches exceptions from AOT kernels and
+// raises a RuntimeError carrying what() in both PyNative and graph mode, so the message reaches the
+// user either way. A bare non-zero return would surface only as "return value 4".
+int report(const char *function, const NsaError &err);
+
+}  // namespace aot
+}  // namespace ms_nsa
+
+#endif  // MS_NSA_AOT_COMMON_H_
