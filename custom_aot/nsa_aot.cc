@@ -41,13 +41,15 @@ int g_last_status = 0;
 // and throws it: MindSpore catches exceptions from AOT kernels and raises a RuntimeError carrying
 // what() in both PyNative and graph mode, so the message reaches the user either way. A bare non-zero
 // return would surface only as "return value 4".
+void record(const NsaError &err) {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  g_last_error = err.message;
+  g_last_status = err.status;
+}
+
 int report(const char *function, const NsaError &err) {
   if (err.status == ms_nsa::kOk) return 0;
-  {
-    std::lock_guard<std::mutex> lock(g_error_mutex);
-    g_last_error = err.message;
-    g_last_status = err.status;
-  }
+  record(err);
   throw std::invalid_argument(std::string(function) + ": " + err.message);
 }
 
@@ -185,6 +187,30 @@ void ms_nsa_clear_error() {
   std::lock_guard<std::mutex> lock(g_error_mutex);
   g_last_error.clear();
   g_last_status = 0;
+}
+
+// ms_nsa.check_inputs: the kernels' own data checks (lengths, KV lengths, every index) on host arrays,
+// without MindSpore. sizes = {T1, T2, N1, N2, D, Dv, B}. Returns the status and records the message
+// (read it with ms_nsa_last_error_message); never throws, since ctypes cannot catch an exception.
+int ms_nsa_validate(const int64_t *sizes, const int64_t *cu_seqlens_q, const int64_t *cu_seqlens_kv,
+                    int64_t select_block_size, int64_t select_block_count, int causal,
+                    const int32_t *topk_indices) {
+  NsaProblem p;
+  p.q_tokens = sizes[0];
+  p.kv_tokens = sizes[1];
+  p.q_heads = sizes[2];
+  p.kv_heads = sizes[3];
+  p.qk_head_dim = sizes[4];
+  p.v_head_dim = sizes[5];
+  p.batch_count = sizes[6];
+  p.cu_seqlens_q = cu_seqlens_q;
+  p.cu_seqlens_kv = cu_seqlens_kv;
+  p.select_block_size = select_block_size;
+  p.select_block_count = select_block_count;
+  p.causal = causal != 0;
+  const NsaError err = ms_nsa::nsa_validate(p, topk_indices);
+  record(err);
+  return err.status;
 }
 
 void ms_nsa_set_num_threads(int num_threads) { ms_nsa::nsa_set_num_threads(num_threads); }

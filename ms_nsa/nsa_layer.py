@@ -156,7 +156,7 @@ class NativeSparseAttention(nn.Cell):
         """Attention over block summaries; returns the output [T, N2, G, Dv] and the attention
         probabilities of each complete past block of the query's sequence, [T, N2, G, T/β]."""
         tokens, blocks = q.shape[0], q.shape[0] // self.block
-        _, sequence, _, _, block_sequence = seq
+        sequence, block_sequence = seq[1], seq[4]
         key_summary = _summarise_blocks(key, self.w_compress_k, self.block)       # [blocks, N2, D]
         value_summary = _summarise_blocks(value, self.w_compress_v, self.block)   # [blocks, N2, Dv]
         block_end = (ops.arange(blocks, dtype=ms.int32) + 1) * self.block - 1
@@ -176,7 +176,9 @@ class NativeSparseAttention(nn.Cell):
         probability (summed over the group's heads), first and own block always included, as block
         numbers relative to the sequence start. Indices are distinct and within the sequence."""
         tokens, blocks = block_probs.shape[0], block_probs.shape[-1]
-        _, sequence, _, first_block, block_sequence = seq
+        # Only the needed fields are read: unpacking into `_` leaves unused tuple_getitem nodes that
+        # graph mode's auto-monad pass reports as "side effect nodes eliminated by mistake".
+        sequence, first_block, block_sequence = seq[1], seq[3], seq[4]
         importance = ops.stop_gradient(block_probs.sum(axis=2))                    # [T, N2, blocks]
         block_ids = ops.arange(blocks, dtype=ms.int32).reshape(1, blocks)
         own_block = (ops.arange(tokens, dtype=ms.int32) // self.block).reshape(tokens, 1)
@@ -188,7 +190,7 @@ class NativeSparseAttention(nn.Cell):
         rank = ops.where(forced.reshape(tokens, 1, blocks), ops.full_like(rank, _FORCED_RANK), rank)
         rank = ops.where(same_sequence.reshape(tokens, 1, blocks), rank,
                          ops.full_like(rank, _OTHER_SEQUENCE_RANK))
-        _, chosen = ops.topk(rank, self.block_count)                               # global block numbers
+        chosen = ops.topk(rank, self.block_count)[1]                               # global block numbers
         return (chosen.astype(ms.int32) - first_block.reshape(tokens, 1, 1)).astype(ms.int32)
 
     def selected(self, q, key, value, topk_indices, seq):
