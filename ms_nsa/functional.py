@@ -47,6 +47,18 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
     Returns:
         (attention_out [T1, N1, Dv] in query's dtype, softmax_max [T1, N1, 8] float32,
         softmax_sum [T1, N1, 8] float32). A row that sees no key returns zeros, -inf and 0.
+
+    Examples:
+        >>> import numpy as np, mindspore as ms, ms_nsa
+        >>> query = ms.Tensor(np.random.randn(48, 4, 32).astype(np.float32))      # T1=48, N1=4, D=32
+        >>> key = ms.Tensor(np.random.randn(96, 2, 32).astype(np.float32))        # T2=96, N2=2
+        >>> value = ms.Tensor(np.random.randn(96, 2, 32).astype(np.float32))
+        >>> topk = ms.Tensor(np.tile(np.arange(2, dtype=np.int32), (48, 2, 1)))   # blocks 0 and 1
+        >>> out, softmax_max, softmax_sum = ms_nsa.nsa_select_attention(
+        ...     query, key, value, topk, 32 ** -0.5, 4, 16, 2,
+        ...     actual_seq_qlen=(16, 16 + 32), actual_seq_kvlen=(32, 32 + 64), sparse_mode=2)
+        >>> out.shape, softmax_max.shape
+        ((48, 4, 32), (48, 4, 8))
     """
     _expect_tensors(FORWARD, query, key, value, topk_indices)
     op = _backend.forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)

@@ -69,6 +69,15 @@ class NativeSparseAttention(nn.Cell):
 
     Outputs:
         Tensor [T, hidden_size].
+
+    Examples:
+        >>> import numpy as np, mindspore as ms, ms_nsa
+        >>> attn = ms_nsa.nn.NativeSparseAttention(hidden_size=128, head_num=4, kv_head_num=2, head_dim=32,
+        ...                                        select_block_size=16, select_block_count=4, window_size=64)
+        >>> x = ms.Tensor(np.random.randn(192, 128).astype(np.float32))
+        >>> actual_seq_len = ms.Tensor(np.array([64, 64 + 128], np.int64))   # sequences of 64 and 128 tokens
+        >>> attn(x, actual_seq_len).shape
+        (192, 128)
     """
 
     def __init__(self, hidden_size, head_num, kv_head_num, head_dim, select_block_size=64,
@@ -124,7 +133,7 @@ class NativeSparseAttention(nn.Cell):
 
     def construct(self, x, actual_seq_len=None):
         tokens = x.shape[0]
-        _check_whole_blocks(tokens, self.block)
+        _check_token_count(tokens, self.block, self.block_count if self.use_selected else 1)
         seq = _sequence_geometry(tokens, actual_seq_len, self.block)
         q = ops.matmul(x, self.w_q).reshape(tokens, self.kv_head_num, self.group, self.head_dim)
         kv = ops.matmul(x, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
@@ -220,11 +229,18 @@ class NativeSparseAttention(nn.Cell):
                 f"window_size={self.window_size}, branches={self.branches}")
 
 
-def _check_whole_blocks(tokens, block):
-    """Shapes are constants, so in graph mode this fails at compile time, with this message."""
+def _check_token_count(tokens, block, block_count):
+    """Shapes are constants, so in graph mode this fails at compile time, with this message. The
+    selected branch attends to `block_count` whole blocks of each sequence, so no sequence, and hence
+    not T, may be shorter than that (the per-sequence rule is the kernel's, on the length values)."""
     if tokens % block:
         raise ValueError(f"NativeSparseAttention: the token count T = {tokens} must be a multiple of "
                          f"select_block_size = {block} (every sequence length must be one)")
+    if tokens < block * block_count:
+        raise ValueError(f"NativeSparseAttention: the token count T = {tokens} is less than select_block_size "
+                         f"* select_block_count = {block} * {block_count} = {block * block_count}; every "
+                         f"sequence must be at least that long. Use longer (or padded) sequences, or a "
+                         f"smaller select_block_count or select_block_size")
 
 
 def _sequence_geometry(tokens, actual_seq_len, block):
