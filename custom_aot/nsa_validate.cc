@@ -33,7 +33,7 @@ std::string running_sum_hint(const int64_t *cu, int64_t count, int64_t total) {
   constexpr int64_t kMaxShown = 16;
   int64_t sum = 0;
   for (int64_t b = 0; b < count; ++b) {
-    if (cu[b] < 0) return "";
+    if (cu[b] < 0 || cu[b] > total - sum) return "";  // also keeps the sum from overflowing
     sum += cu[b];
   }
   if (count < 2 || sum != total) return "";
