@@ -207,8 +207,9 @@ def save_plot(results, path):
 
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for label, (losses, curve) in results.items():
-        smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")
-        loss_ax.plot(np.arange(10, len(losses) + 1), smooth, label=label)
+        width = min(10, len(losses))            # a 10-step mean, or all steps of a shorter run
+        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
+        loss_ax.plot(np.arange(width, len(losses) + 1), smooth, label=label)
         acc_ax.plot(*zip(*curve), marker="o", markersize=3, label=label)
     acc_ax.axhline(1 / NUM_VALUES, color="gray", linestyle=":", label="chance")
     loss_ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="Loss")
