@@ -218,7 +218,7 @@ def _constant_cumulative(lengths, total, name, op_name):
 
 @functools.lru_cache(maxsize=None)
 def _running_sum_hint(values, total):
-    """", did you mean (32, 64)?" when `values` look like per-batch lengths of `total` tokens."""
+    """The hint "; did you mean (32, 64)?" when `values` look like per-batch lengths of `total` tokens."""
     if len(values) > 1 and min(values) >= 0 and sum(values) == total:
         return f"; did you mean {tuple(int(v) for v in np.cumsum(values))}?"
     return ""
