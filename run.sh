@@ -3,8 +3,9 @@
 #   bash run.sh demo    train a small model on NsaSelectAttention in graph mode, then check the op
 #   bash run.sh test    the test suite (what CI runs)
 #   bash run.sh bench   the CPU benchmark (benchmarks/bench_cpu.py)
-# Set-up, every time (fast when already done): a venv in .venv with the pinned requirements, and the
-# package installed in editable mode, which (re)compiles the C++ kernels in custom_aot/.
+# Set-up, every time (fast when already done): a venv in .venv with ms_nsa's dependencies as
+# pyproject.toml declares them (with the test and demo extras), and the package installed in editable
+# mode, which (re)compiles the C++ kernels in custom_aot/.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,16 +18,18 @@ setup() {
     echo "[run.sh] creating $VENV with $("$PYTHON_BIN" --version)"
     "$PYTHON_BIN" -m venv "$VENV"
   fi
+  # The stamp is the hash of pyproject.toml: the dependencies are installed again only when it changes.
   local stamp="$VENV/.requirements.sha"
   local want
-  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[run.sh] installing requirements (mindspore is ~800 MB the first time)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+    echo "[run.sh] installing ms_nsa with its dependencies, pip install -e .[test,demo] (mindspore is ~800 MB the first time)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,demo]"
     echo "$want" > "$stamp"
+  else
+    echo "[run.sh] building the CPU kernels (pip install -e .)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
   fi
-  echo "[run.sh] building the CPU kernels (pip install -e .)"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 }
 
 job="${1:-}"

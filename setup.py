@@ -43,10 +43,8 @@ class BuildKernelLibrary(build_ext):
         return []
 
 
+# Name, version and dependencies are in pyproject.toml; this file adds what needs code: the kernels.
 setup(
-    name="ms_nsa",
-    version="0.1.0",
-    description="NSA selected attention (aclnnNsaSelectedAttention and its gradient) for MindSpore",
     packages=["ms_nsa", "ms_nsa.compress", "ms_nsa.compress_attention", "ms_nsa.window", "ms_nsa.ops_yaml"],
     package_dir={"ms_nsa": "ms_nsa", "ms_nsa.ops_yaml": "ops_yaml"},
     package_data={"ms_nsa.ops_yaml": ["*.yaml"], "ms_nsa": ["twin_cann/include/*/*.h", "twin_cann/opp/README"]},
@@ -73,6 +71,4 @@ setup(
         ),
     ],
     cmdclass={"build_ext": BuildKernelLibrary},
-    python_requires=">=3.9",
-    install_requires=["numpy<2", "pyyaml"],
 )

@@ -17,13 +17,15 @@ int g_last_status = 0;
 
 }  // namespace
 
+void record(const NsaError &err) {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  g_last_error = err.message;
+  g_last_status = err.status;
+}
+
 int report(const char *function, const NsaError &err) {
   if (err.status == kOk) return 0;
-  {
-    std::lock_guard<std::mutex> lock(g_error_mutex);
-    g_last_error = err.message;
-    g_last_status = err.status;
-  }
+  record(err);
   throw std::invalid_argument(std::string(function) + ": " + err.message);
 }
 

@@ -33,6 +33,9 @@ inline bool has_shape(int ndim, const int64_t *shape, int64_t a, int64_t b, int6
 // user either way. A bare non-zero return would surface only as "return value 4".
 int report(const char *function, const NsaError &err);
 
+// Only the recording half of report(), for entry points called through ctypes (which cannot catch).
+void record(const NsaError &err);
+
 }  // namespace aot
 }  // namespace ms_nsa
 

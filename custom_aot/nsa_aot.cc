@@ -145,4 +145,28 @@ int NsaSelectAttentionGrad(int nparam, void **params, int *ndims, int64_t **shap
                                      params[12]));
 }
 
+// ms_nsa.check_inputs: the kernels' own data checks (lengths, KV lengths, every index) on host arrays,
+// without MindSpore. sizes = {T1, T2, N1, N2, D, Dv, B}. Returns the status and records the message
+// (read it with ms_nsa_last_error_message); never throws, since ctypes cannot catch an exception.
+int ms_nsa_validate(const int64_t *sizes, const int64_t *cu_seqlens_q, const int64_t *cu_seqlens_kv,
+                    int64_t select_block_size, int64_t select_block_count, int causal,
+                    const int32_t *topk_indices) {
+  NsaProblem p;
+  p.q_tokens = sizes[0];
+  p.kv_tokens = sizes[1];
+  p.q_heads = sizes[2];
+  p.kv_heads = sizes[3];
+  p.qk_head_dim = sizes[4];
+  p.v_head_dim = sizes[5];
+  p.batch_count = sizes[6];
+  p.cu_seqlens_q = cu_seqlens_q;
+  p.cu_seqlens_kv = cu_seqlens_kv;
+  p.select_block_size = select_block_size;
+  p.select_block_count = select_block_count;
+  p.mask = causal != 0 ? ms_nsa::MaskRule::kCausal : ms_nsa::MaskRule::kNone;
+  const NsaError err = ms_nsa::nsa_validate(p, topk_indices);
+  ms_nsa::aot::record(err);
+  return err.status;
+}
+
 }  // extern "C"

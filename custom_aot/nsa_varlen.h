@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <sstream>
+#include <string>
 
 #include "nsa_status.h"
 
@@ -25,6 +26,26 @@ struct Segments {
   }
 };
 
+// The usual mistake is passing per-batch lengths: when the entries add up to the token count, the
+// message shows their running sum, which is what was meant.
+inline std::string running_sum_hint(const int64_t *cu, int64_t count, int64_t total) {
+  constexpr int64_t kMaxShown = 16;
+  int64_t sum = 0;
+  for (int64_t b = 0; b < count; ++b) {
+    if (cu[b] < 0 || cu[b] > total - sum) return "";  // also keeps the sum from overflowing
+    sum += cu[b];
+  }
+  if (count < 2 || sum != total) return "";
+  std::ostringstream hint;
+  hint << "; if these are per-batch lengths, pass their running sum";
+  if (count > kMaxShown) return hint.str() + " (numpy.cumsum)";
+  hint << ": [";
+  sum = 0;
+  for (int64_t b = 0; b < count; ++b) hint << (b ? ", " : "") << (sum += cu[b]);
+  hint << "]";
+  return hint.str();
+}
+
 // Non-decreasing, non-negative, ending at `total`. `name` is the argument the user passed.
 inline NsaError check_cumulative(const char *name, const int64_t *cu, int64_t count, int64_t total,
                                  const char *total_name) {
@@ -33,7 +54,8 @@ inline NsaError check_cumulative(const char *name, const int64_t *cu, int64_t co
     if (cu[b] < previous) {
       std::ostringstream msg;
       msg << name << "[" << b << "] = " << cu[b] << " is smaller than the entry before it (" << previous
-          << "); cumulative lengths must be non-decreasing and start at 0 or more";
+          << "); cumulative lengths must be non-decreasing and start at 0 or more"
+          << running_sum_hint(cu, count, total);
       return {kBadCumulativeLength, msg.str()};
     }
     previous = cu[b];
@@ -41,7 +63,8 @@ inline NsaError check_cumulative(const char *name, const int64_t *cu, int64_t co
   if (previous != total) {
     std::ostringstream msg;
     msg << name << "[-1] = " << previous << " must equal " << total_name << " = " << total
-        << " (lengths are cumulative: the last entry is the total token count)";
+        << " (lengths are cumulative: the last entry is the total token count)"
+        << running_sum_hint(cu, count, total);
     return {kBadCumulativeLength, msg.str()};
   }
   return {};

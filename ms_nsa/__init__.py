@@ -6,6 +6,7 @@
     dq, dk, dv = ms_nsa.nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_max,
         softmax_sum, topk_indices, ...)
     cell = ms_nsa.nn.NsaSelectAttention(head_num, select_block_size, select_block_count)
+    ms_nsa.check_inputs(query, key, value, topk_indices, ...)   # the op's checks, without running it
     ms_nsa.reference.forward(...), ms_nsa.reference.backward(...)   # float64 NumPy
 
     compressed = ms_nsa.nsa_compress(input, weight, compress_block_size, compress_stride, *, actual_seq_len=None)
@@ -18,12 +19,12 @@ See docs/usage.md.
 """
 from . import nn, reference
 from ._cpu_kernels import get_num_threads, set_num_threads
-from .functional import nsa_select_attention, nsa_select_attention_grad
+from .functional import check_inputs, nsa_select_attention, nsa_select_attention_grad
 from .compress import nsa_compress, nsa_compress_grad
 from .compress_attention import nsa_compress_attention, nsa_compress_attention_grad
 from .window import nsa_window_attention, nsa_window_attention_grad
 
-__all__ = ["nsa_select_attention", "nsa_select_attention_grad", "nsa_compress", "nsa_compress_grad",
+__all__ = ["nsa_select_attention", "nsa_select_attention_grad", "check_inputs", "nsa_compress", "nsa_compress_grad",
            "nsa_compress_attention", "nsa_compress_attention_grad", "nsa_window_attention",
            "nsa_window_attention_grad", "nn", "reference", "set_num_threads",
            "get_num_threads"]

@@ -14,7 +14,7 @@ from typing import List
 import numpy as np
 import mindspore as ms
 from mindspore import ops
-from mindspore.common.api import _pynative_executor
+from mindspore.graph.api import _pynative_executor
 
 from . import _errors
 from ._dtypes import dtype_name, ms_dtype
@@ -38,6 +38,7 @@ def _library() -> ctypes.CDLL:
     lib.ms_nsa_last_error_status.restype = ctypes.c_int
     lib.ms_nsa_get_num_threads.restype = ctypes.c_int
     lib.ms_nsa_set_num_threads.argtypes = [ctypes.c_int]
+    lib.ms_nsa_validate.restype = ctypes.c_int
     return lib
 
 
@@ -50,6 +51,21 @@ def set_num_threads(num_threads: int) -> None:
 
 def get_num_threads() -> int:
     return int(_library().ms_nsa_get_num_threads())
+
+
+def validate_data(function: str, sizes, cu_seqlens_q, cu_seqlens_kv, select_block_size, select_block_count,
+                  causal, topk_indices) -> None:
+    """The kernels' data checks (custom_aot/nsa_validate.cc) on host arrays; raises what a call would.
+
+    sizes = (T1, T2, N1, N2, D, Dv, B); the lengths are int64 arrays [B], topk_indices int32 [T1, N2, C]."""
+    arrays = [np.ascontiguousarray(sizes, np.int64), np.ascontiguousarray(cu_seqlens_q, np.int64),
+              np.ascontiguousarray(cu_seqlens_kv, np.int64), np.ascontiguousarray(topk_indices, np.int32)]
+    pointers = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays]
+    lib = _library()
+    status = lib.ms_nsa_validate(pointers[0], pointers[1], pointers[2], ctypes.c_int64(select_block_size),
+                                 ctypes.c_int64(select_block_count), ctypes.c_int(int(causal)), pointers[3])
+    if status:
+        raise _errors.kernel_exception(function, status, lib.ms_nsa_last_error_message().decode())
 
 
 def kernel_inputs(op_def: OpDef) -> List[str]:

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, mint, nn, ops
 
 import ms_nsa
 
@@ -174,7 +174,10 @@ def progress(label, step, steps, loss, acc, started, width=28):
 def train(label, branches, steps, seed, eval_every=25):
     """Trains a RecallModel in GRAPH_MODE; returns its loss per step and (step, accuracy) points."""
     model = RecallModel(branches, seed)
-    train_step = nn.TrainOneStepCell(RecallLoss(model), nn.Adam(model.trainable_params(), learning_rate=LEARNING_RATE))
+    # mint.optim.Adam, not nn.Adam: MindSpore 2.10's nn.Adam builds the deprecated FusedSparseAdam
+    # primitive (for sparse gradients, which this model has none of) and prints a deprecation warning.
+    optimizer = mint.optim.Adam(model.trainable_params(), lr=LEARNING_RATE)
+    train_step = nn.TrainOneStepCell(RecallLoss(model), optimizer)
     train_step.set_train()
     data_rng, held_out = np.random.default_rng(seed + 1), np.random.default_rng(seed + 2)
     held_out_batches = [recall_batch(held_out) for _ in range(4)]
@@ -189,6 +192,14 @@ def train(label, branches, steps, seed, eval_every=25):
     return losses, curve
 
 
+def have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        return False
+    return True
+
+
 def save_plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -196,8 +207,9 @@ def save_plot(results, path):
 
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for label, (losses, curve) in results.items():
-        smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")
-        loss_ax.plot(np.arange(10, len(losses) + 1), smooth, label=label)
+        width = min(10, len(losses))            # a 10-step mean, or all steps of a shorter run
+        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
+        loss_ax.plot(np.arange(width, len(losses) + 1), smooth, label=label)
         acc_ax.plot(*zip(*curve), marker="o", markersize=3, label=label)
     acc_ax.axhline(1 / NUM_VALUES, color="gray", linestyle=":", label="chance")
     loss_ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="Loss")
@@ -263,19 +275,27 @@ def main(argv=None):
           f"NativeSparseAttention(hidden {HIDDEN}, N1={HEADS}, N2={KV_HEADS}, D={HEAD_DIM}, "
           f"select_block_size={BLOCK}, select_block_count={COUNT}, window_size={WINDOW}), GRAPH_MODE, "
           f"{args.steps} steps of Adam; chance = {1 / NUM_VALUES:.1%}")
+    plot = have_matplotlib()
+    if not plot:
+        print("Note: matplotlib is not installed, so the demo will not draw its plot; everything else runs. "
+              "Install it with `pip install matplotlib` (or install ms_nsa with `pip install .[demo]`).")
     started = time.time()
     results = {"NSA (3 branches)": train("NSA", ms_nsa.nsa_layer.BRANCHES, args.steps, args.seed),
                "window only": train("window only", ("window",), args.steps, args.seed)}
     if args.ablation:
         results["compressed + window"] = train("no selection", ("compressed", "window"), args.steps, args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    plot_path = os.path.join(args.out, "nsa_vs_window.png")
-    save_plot(results, plot_path)
+    if plot:
+        os.makedirs(args.out, exist_ok=True)
+        plot_path = os.path.join(args.out, "nsa_vs_window.png")
+        save_plot(results, plot_path)
+        plot_note = f"Plot: {plot_path}"
+    else:
+        plot_note = "No plot (matplotlib is not installed)."
     final = {label: curve[-1][1] for label, (_, curve) in results.items()}
     nsa_acc, window_acc = final["NSA (3 branches)"], final["window only"]
     print(f"Held-out recall accuracy after {args.steps} steps: "
           + ", ".join(f"{label} {acc:.1%}" for label, acc in final.items())
-          + f" (chance {1 / NUM_VALUES:.1%}); training took {time.time() - started:.0f} s. Plot: {plot_path}")
+          + f" (chance {1 / NUM_VALUES:.1%}); training took {time.time() - started:.0f} s. {plot_note}")
 
     op_ok = check_against_reference(args.seed)
     nsa_wins = nsa_acc > window_acc

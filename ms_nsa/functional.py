@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from . import _backend
+from . import _backend, _cpu_kernels
 from .op_def import BACKWARD, FORWARD, load_op_def
 
 
@@ -47,6 +47,18 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
     Returns:
         (attention_out [T1, N1, Dv] in query's dtype, softmax_max [T1, N1, 8] float32,
         softmax_sum [T1, N1, 8] float32). A row that sees no key returns zeros, -inf and 0.
+
+    Examples:
+        >>> import numpy as np, mindspore as ms, ms_nsa
+        >>> query = ms.Tensor(np.random.randn(48, 4, 32).astype(np.float32))      # T1=48, N1=4, D=32
+        >>> key = ms.Tensor(np.random.randn(96, 2, 32).astype(np.float32))        # T2=96, N2=2
+        >>> value = ms.Tensor(np.random.randn(96, 2, 32).astype(np.float32))
+        >>> topk = ms.Tensor(np.tile(np.arange(2, dtype=np.int32), (48, 2, 1)))   # blocks 0 and 1
+        >>> out, softmax_max, softmax_sum = ms_nsa.nsa_select_attention(
+        ...     query, key, value, topk, 32 ** -0.5, 4, 16, 2,
+        ...     actual_seq_qlen=(16, 16 + 32), actual_seq_kvlen=(32, 32 + 64), sparse_mode=2)
+        >>> out.shape, softmax_max.shape
+        ((48, 4, 32), (48, 4, 8))
     """
     _expect_tensors(FORWARD, query, key, value, topk_indices)
     op = _backend.forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count)
@@ -74,6 +86,55 @@ def nsa_select_attention_grad(grad, query, key, value, attention_out, softmax_ma
               cu_seq_kv)
 
 
+def check_inputs(query, key, value, topk_indices, scale_value, head_num, select_block_size, select_block_count,
+                 *, atten_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0):
+    r"""Runs every check of :func:`nsa_select_attention` on these arguments without running the op.
+
+    The same checks and messages as a call: attributes, shapes, dtypes and tuple lengths from
+    ops_yaml/, then the kernel's own data checks (custom_aot/nsa_validate.cc: cumulative lengths, each
+    batch's KV length, every topk index) on host copies of the length and index values. Use it on a
+    data set before a long GRAPH_MODE run, where a data error ends the run (docs/errors.md). Python
+    only: call it outside compiled graphs. Returns None; raises TypeError / ValueError.
+
+    Examples:
+        >>> import numpy as np, mindspore as ms, ms_nsa
+        >>> query = ms.Tensor(np.zeros((64, 4, 32), np.float32))
+        >>> key = value = ms.Tensor(np.zeros((128, 2, 32), np.float32))
+        >>> topk = ms.Tensor(np.zeros((64, 2, 2), np.int32))
+        >>> ms_nsa.check_inputs(query, key, value, topk, 32 ** -0.5, 4, 16, 2,
+        ...                     actual_seq_qlen=(32, 64), actual_seq_kvlen=(64, 128))   # fine: returns None
+        >>> ms_nsa.check_inputs(query, key, value, topk, 32 ** -0.5, 4, 16, 2,
+        ...                     actual_seq_qlen=(32, 32), actual_seq_kvlen=(64, 64))
+        Traceback (most recent call last):
+        ValueError: nsa_select_attention: actual_seq_qlen = (32, 32) must end at the token count 64 ...
+    """
+    _expect_tensors(FORWARD, query, key, value, topk_indices)
+    op_def, backend = load_op_def(FORWARD), _backend.name()
+    attrs = op_def.check_attrs(dict(scale_value=scale_value, head_num=head_num, sparse_mode=sparse_mode,
+                                    select_block_size=select_block_size,
+                                    select_block_count=select_block_count), backend)
+    _mask_and_lengths(FORWARD, atten_mask, actual_seq_qlen, actual_seq_kvlen, query.shape[0], key.shape[0])
+    cu_seq_q = _host_lengths(actual_seq_qlen, query.shape[0])
+    cu_seq_kv = _host_lengths(actual_seq_kvlen, key.shape[0])
+    tensors = dict(query=query, key=key, value=value, topk_indices=topk_indices)
+    shapes = {name: tensor.shape for name, tensor in tensors.items()}
+    shapes.update(actual_seq_qlen=cu_seq_q.shape, actual_seq_kvlen=cu_seq_kv.shape)
+    dims = op_def.bind_dims(shapes, attrs, backend)
+    op_def.check_dtypes({name: _backend.dtype_name(t.dtype) for name, t in tensors.items()}, backend)
+    sizes = (dims["T1"], dims["T2"], dims["N1"], dims["N2"], dims["D"], dims["Dv"], dims["B"])
+    _cpu_kernels.validate_data(_function_name(FORWARD), sizes, cu_seq_q, cu_seq_kv, attrs["select_block_size"],
+                               attrs["select_block_count"], attrs["sparse_mode"] == 2, topk_indices.asnumpy())
+
+
+def _host_lengths(lengths, total):
+    """Cumulative lengths as an int64 NumPy array (None = one batch of `total` tokens)."""
+    if lengths is None:
+        return np.array([total], np.int64)
+    if isinstance(lengths, Tensor):
+        return lengths.asnumpy().astype(np.int64)
+    return np.asarray(lengths, np.int64)
+
+
 def _expect_tensors(op_name, *tensors):
     """The positional tensor arguments are Tensors of the right rank (constant checks in graph mode),
     so that later messages (about lengths, say) never stem from a misplaced or mis-shaped argument."""
@@ -97,7 +158,7 @@ def _check_each_shape(op_name, backend, shapes):
 def _mask_and_lengths(op_name, atten_mask, actual_seq_qlen, actual_seq_kvlen, q_tokens, kv_tokens):
     """Checks the reserved mask (never read) and returns the cumulative lengths in the backend's form."""
     if atten_mask is not None:
-        _check_mask(atten_mask.shape, atten_mask.dtype, op_name)
+        _check_mask(op_name, _backend.name(), atten_mask.shape, atten_mask.dtype)
     _check_lengths_paired(actual_seq_qlen is None, actual_seq_kvlen is None, op_name)
     return (_cumulative(actual_seq_qlen, q_tokens, "actual_seq_qlen", op_name),
             _cumulative(actual_seq_kvlen, kv_tokens, "actual_seq_kvlen", op_name))
@@ -144,12 +205,23 @@ def _constant_cumulative(lengths, total, name, op_name):
         if v < previous:
             raise ValueError(f"{_function_name(op_name)}: {name}[{i}] = {v} is smaller than the entry "
                              f"before it ({previous}); {name} holds cumulative lengths, which never "
-                             f"decrease: per-batch lengths 2, 2, 3 are passed as (2, 4, 7)")
+                             f"decrease: per-batch lengths 2, 2, 3 are passed as (2, 4, 7)"
+                             f"{_running_sum_hint(tuple(values), total)}")
         previous = v
     if not values or values[-1] != total:
         raise ValueError(f"{_function_name(op_name)}: {name} = {tuple(values)} must end at the token count "
-                         f"{total} (the first dimension of the tensor it describes)")
+                         f"{total} (the first dimension of the tensor it describes); {name} holds "
+                         f"cumulative lengths, so its last entry is the token count"
+                         f"{_running_sum_hint(tuple(values), total)}")
     return _backend.int_array(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _running_sum_hint(values, total):
+    """The hint "; did you mean (32, 64)?" when `values` look like per-batch lengths of `total` tokens."""
+    if len(values) > 1 and min(values) >= 0 and sum(values) == total:
+        return f"; did you mean {tuple(int(v) for v in np.cumsum(values))}?"
+    return ""
 
 
 def _check_lengths_paired(q_missing, kv_missing, op_name, names=("actual_seq_qlen", "actual_seq_kvlen")):
@@ -159,7 +231,11 @@ def _check_lengths_paired(q_missing, kv_missing, op_name, names=("actual_seq_qle
                          f"(packed batches) or neither (one batch)")
 
 
-def _check_mask(shape, dtype, op_name):
+@functools.lru_cache(maxsize=None)
+def _check_mask(op_name, backend, shape, dtype):
+    """The mask's rank and dtype from the yaml. An lru_cache object like every helper here that reaches
+    op_def: the graph compiler runs it at compile time (its arguments are constants) instead of parsing
+    op_def's comprehensions and closures into the graph, which it cannot do."""
     op_def = load_op_def(op_name)
-    op_def.bind_dims({"atten_mask": shape}, {}, _backend.name())
-    op_def.check_dtypes({"atten_mask": _backend.dtype_name(dtype)}, _backend.name())
+    op_def.bind_dims({"atten_mask": shape}, {}, backend)
+    op_def.check_dtypes({"atten_mask": _backend.dtype_name(dtype)}, backend)

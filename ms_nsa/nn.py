@@ -22,9 +22,20 @@ class NsaSelectAttention(nn.Cell):
 
     Inputs:
         query [T1, N1, D], key [T2, N2, D], value [T2, N2, Dv], topk_indices [T1, N2, C] int32, and
-        optionally actual_seq_qlen / actual_seq_kvlen (cumulative lengths, tuple or 1-D int Tensor).
+        optionally actual_seq_qlen / actual_seq_kvlen (cumulative lengths, tuple or 1-D int Tensor)
+        and atten_mask (reserved, as in the function: checked, never read).
 
     Gradients reach query, key and value through the op's registered bprop (the gradient kernel).
+
+    Examples:
+        >>> import numpy as np, mindspore as ms, ms_nsa
+        >>> attn = ms_nsa.nn.NsaSelectAttention(head_num=4, select_block_size=16, select_block_count=2,
+        ...                                     sparse_mode=2)
+        >>> query = ms.Tensor(np.random.randn(48, 4, 32).astype(np.float32))
+        >>> key = value = ms.Tensor(np.random.randn(96, 2, 32).astype(np.float32))
+        >>> topk = ms.Tensor(np.tile(np.arange(2, dtype=np.int32), (48, 2, 1)))   # blocks 0 and 1
+        >>> attn(query, key, value, topk, (16, 16 + 32), (32, 32 + 64)).shape   # 2 batches: 16 + 32 rows
+        (48, 4, 32)
     """
 
     def __init__(self, head_num, select_block_size, select_block_count, scale_value=None, sparse_mode=0):
@@ -40,15 +51,15 @@ class NsaSelectAttention(nn.Cell):
         self.scale_value = None if scale_value is None else float(scale_value)
         self.sparse_mode = sparse_mode
 
-    def construct(self, query, key, value, topk_indices, actual_seq_qlen=None, actual_seq_kvlen=None):
+    def construct(self, query, key, value, topk_indices, actual_seq_qlen=None, actual_seq_kvlen=None,
+                  atten_mask=None):
         scale_value = self.scale_value
         if scale_value is None:
             scale_value = query.shape[-1] ** -0.5
-        attention_out, _, _ = nsa_select_attention(
+        return nsa_select_attention(
             query, key, value, topk_indices, scale_value, self.head_num, self.select_block_size,
-            self.select_block_count, actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
-            sparse_mode=self.sparse_mode)
-        return attention_out
+            self.select_block_count, atten_mask=atten_mask, actual_seq_qlen=actual_seq_qlen,
+            actual_seq_kvlen=actual_seq_kvlen, sparse_mode=self.sparse_mode)[0]
 
     def extend_repr(self):
         return (f"head_num={self.head_num}, select_block_size={self.select_block_size}, "

@@ -73,6 +73,15 @@ class NativeSparseAttention(nn.Cell):
 
     Outputs:
         Tensor [T, hidden_size].
+
+    Examples:
+        >>> import numpy as np, mindspore as ms, ms_nsa
+        >>> attn = ms_nsa.nn.NativeSparseAttention(hidden_size=128, head_num=4, kv_head_num=2, head_dim=32,
+        ...                                        select_block_size=16, select_block_count=4, window_size=64)
+        >>> x = ms.Tensor(np.random.randn(192, 128).astype(np.float32))
+        >>> actual_seq_len = ms.Tensor(np.array([64, 64 + 128], np.int64))   # sequences of 64 and 128 tokens
+        >>> attn(x, actual_seq_len).shape
+        (192, 128)
     """
 
     def __init__(self, hidden_size, head_num, kv_head_num, head_dim, select_block_size=64,
@@ -129,7 +138,7 @@ class NativeSparseAttention(nn.Cell):
 
     def construct(self, x, actual_seq_len=None):
         tokens = x.shape[0]
-        _check_whole_blocks(tokens, self.block)
+        _check_token_count(tokens, self.block, self.block_count if self.use_selected else 1)
         seq = _sequence_geometry(tokens, actual_seq_len, self.block)
         q = ops.matmul(x, self.w_q).reshape(tokens, self.kv_head_num, self.group, self.head_dim)
         kv = ops.matmul(x, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
@@ -161,7 +170,7 @@ class NativeSparseAttention(nn.Cell):
         """Attention over block summaries; returns the output [T, N2, G, Dv] and the attention
         probabilities of each complete past block of the query's sequence, [T, N2, G, T/β]."""
         tokens, blocks = q.shape[0], q.shape[0] // self.block
-        _, sequence, _, _, block_sequence = seq
+        sequence, block_sequence = seq[1], seq[4]
         key_summary = _summarise_blocks(key, self.w_compress_k, self.block)       # [blocks, N2, D]
         value_summary = _summarise_blocks(value, self.w_compress_v, self.block)   # [blocks, N2, Dv]
         block_end = (ops.arange(blocks, dtype=ms.int32) + 1) * self.block - 1
@@ -181,7 +190,9 @@ class NativeSparseAttention(nn.Cell):
         probability (summed over the group's heads), first and own block always included, as block
         numbers relative to the sequence start. Indices are distinct and within the sequence."""
         tokens, blocks = block_probs.shape[0], block_probs.shape[-1]
-        _, sequence, _, first_block, block_sequence = seq
+        # Only the needed fields are read: unpacking into `_` leaves unused tuple_getitem nodes that
+        # graph mode's auto-monad pass reports as "side effect nodes eliminated by mistake".
+        sequence, first_block, block_sequence = seq[1], seq[3], seq[4]
         importance = ops.stop_gradient(block_probs.sum(axis=2))                    # [T, N2, blocks]
         block_ids = ops.arange(blocks, dtype=ms.int32).reshape(1, blocks)
         own_block = (ops.arange(tokens, dtype=ms.int32) // self.block).reshape(tokens, 1)
@@ -193,7 +204,7 @@ class NativeSparseAttention(nn.Cell):
         rank = ops.where(forced.reshape(tokens, 1, blocks), ops.full_like(rank, _FORCED_RANK), rank)
         rank = ops.where(same_sequence.reshape(tokens, 1, blocks), rank,
                          ops.full_like(rank, _OTHER_SEQUENCE_RANK))
-        _, chosen = ops.topk(rank, self.block_count)                               # global block numbers
+        chosen = ops.topk(rank, self.block_count)[1]                               # global block numbers
         return (chosen.astype(ms.int32) - first_block.reshape(tokens, 1, 1)).astype(ms.int32)
 
     def selected(self, q, key, value, topk_indices, seq, actual_seq_len):
@@ -227,11 +238,18 @@ class NativeSparseAttention(nn.Cell):
                 f"window_size={self.window_size}, branches={self.branches}")
 
 
-def _check_whole_blocks(tokens, block):
-    """Shapes are constants, so in graph mode this fails at compile time, with this message."""
+def _check_token_count(tokens, block, block_count):
+    """Shapes are constants, so in graph mode this fails at compile time, with this message. The
+    selected branch attends to `block_count` whole blocks of each sequence, so no sequence, and hence
+    not T, may be shorter than that (the per-sequence rule is the kernel's, on the length values)."""
     if tokens % block:
         raise ValueError(f"NativeSparseAttention: the token count T = {tokens} must be a multiple of "
                          f"select_block_size = {block} (every sequence length must be one)")
+    if tokens < block * block_count:
+        raise ValueError(f"NativeSparseAttention: the token count T = {tokens} is less than select_block_size "
+                         f"* select_block_count = {block} * {block_count} = {block * block_count}; every "
+                         f"sequence must be at least that long. Use longer (or padded) sequences, or a "
+                         f"smaller select_block_count or select_block_size")
 
 
 def _sequence_geometry(tokens, actual_seq_len, block):
