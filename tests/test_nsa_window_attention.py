@@ -2,10 +2,6 @@
 GQA, dtypes), ms.grad vs autodiff of stock ops in both modes, determinism across thread counts,
 isolation of packed sequences, causality and the window's reach, and every rule as a named error."""
 import inspect
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +13,7 @@ from ms_nsa.op_def import load_op_def
 from ms_nsa.window import api, reference
 from ms_nsa.window.composed import composed_window_attention, sequence_starts
 from cases import MS_DTYPES, REL_TOL, rel_error, round_to, to_numpy
-from test_kernel_isa import cpu_has
+from test_kernel_isa import run_forced
 
 # The backward chains more roundings (dS, and dO / O enter in the input dtype): 2x the room, as for
 # nsa_select_attention_grad.
@@ -333,20 +329,7 @@ print(json.dumps({"isa": lib.ms_nsa_kernel_isa().decode(), "errors": errors, "sa
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_forced_instruction_set_matches_reference(isa):
-    if isa == "avx2" and not (cpu_has("avx2") and cpu_has("fma") and cpu_has("f16c")):
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, MS_NSA_ISA=isa, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", ISA_CHILD], env=env, capture_output=True, text=True, cwd=here)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["isa"] == isa
-    assert report["same_bits"], "results changed with the thread count"
-    for key, errs in report["errors"].items():
-        dtype = key.split("/")[0]
-        assert errs[0] < REL_TOL[dtype], f"{key} attention_out: {errs[0]:.2e}"
-        for label, err in zip(("dq", "dk", "dv"), errs[1:]):
-            assert err < GRAD_TOL[dtype], f"{key} {label}: {err:.2e}"
+    run_forced(isa, ISA_CHILD)
 
 
 def test_graph_mode_errors_name_the_argument():
