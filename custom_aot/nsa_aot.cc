@@ -37,8 +37,6 @@ using ms_nsa::aot::report;
 constexpr const char *kForwardName = "nsa_select_attention";
 constexpr const char *kBackwardName = "nsa_select_attention_grad";
 
-using ms_nsa::aot::parse_dtype;
-
 int read_attrs(AotExtra *extra) {
   auto *attrs = new NsaAttrs;
   attrs->scale_value = extra->GetAttrFloat("scale_value");
@@ -64,16 +62,9 @@ NsaError build_problem(const Layout &at, int nparam, int *ndims, int64_t **shape
     return {ms_nsa::kBadProblem, "query, key, value and topk_indices must be 3-D (TND), "
                                  "actual_seq_qlen and actual_seq_kvlen 1-D"};
   }
-  if (!parse_dtype(dtypes[at.query], &p->dtype)) {
-    return {ms_nsa::kUnsupportedDType, std::string("query dtype ") + dtypes[at.query] +
-                                           " is not supported; use float32, float16 or bfloat16"};
-  }
-  p->q_tokens = shapes[at.query][0];
-  p->q_heads = shapes[at.query][1];
-  p->qk_head_dim = shapes[at.query][2];
-  p->kv_tokens = shapes[at.key][0];
-  p->kv_heads = shapes[at.key][1];
-  p->v_head_dim = shapes[at.value][2];
+  const NsaError dtype_error = ms_nsa::aot::read_dtype("query", dtypes[at.query], &p->dtype);
+  if (dtype_error.status != ms_nsa::kOk) return dtype_error;
+  ms_nsa::aot::read_attention_shapes(shapes, at.query, at.key, at.value, p);
   p->batch_count = shapes[at.cu_q][0];
   p->cu_seqlens_q = static_cast<const int64_t *>(params[at.cu_q]);
   p->cu_seqlens_kv = static_cast<const int64_t *>(params[at.cu_kv]);

@@ -155,3 +155,32 @@ class OutputLoss(ms.nn.Cell):
     def construct(self, q, k, v, topk, d_out):
         out = self.attn(q, k, v, topk, self.case.actual_seq_qlen, self.case.actual_seq_kvlen)
         return (out.astype(ms.float32) * d_out.astype(ms.float32)).sum(), out
+
+
+def output_bits(outputs):
+    """The raw bytes of each output (bfloat16 via float32, which is exact)."""
+    return [to_numpy(o).tobytes() for o in outputs]
+
+
+def assert_same_bits_for_threads(run, expected, threads=(1, 3)):
+    """`run()` gives bitwise `expected` (output_bits) with each kernel thread count."""
+    import ms_nsa
+    previous = ms_nsa.get_num_threads()
+    try:
+        for count in threads:
+            ms_nsa.set_num_threads(count)
+            assert output_bits(run()) == expected, f"{count} threads changed the bits"
+    finally:
+        ms_nsa.set_num_threads(previous)
+
+
+def assert_signature(function, mindspore_parameters):
+    """Positional and keyword parameters are the yaml's, and all of MindSpore's op's, in its order."""
+    import inspect
+    from ms_nsa.op_def import load_op_def
+    op_def = load_op_def(function.__name__)
+    params = inspect.signature(function).parameters
+    assert [p for p in params if params[p].kind == params[p].POSITIONAL_OR_KEYWORD] == op_def.python["positional"]
+    assert [p for p in params if params[p].kind == params[p].KEYWORD_ONLY] == op_def.python["keyword"]
+    if mindspore_parameters is not None:
+        assert list(params)[:len(mindspore_parameters)] == list(mindspore_parameters)

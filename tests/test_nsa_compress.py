@@ -1,7 +1,5 @@
 """nsa_compress and nsa_compress_grad: kernel vs the float64 reference, ms.grad vs autodiff of stock
 ops, both modes, determinism, and every rule of ops_yaml/nsa_compress*.yaml as a named error."""
-import inspect
-
 import numpy as np
 import pytest
 import mindspore as ms
@@ -11,7 +9,8 @@ import ms_nsa
 from ms_nsa.compress import reference
 from ms_nsa.compress.composed import composed_compress, window_rows
 from ms_nsa.op_def import load_op_def
-from cases import MS_DTYPES, REL_TOL, rel_error, round_to, to_numpy
+from cases import (MS_DTYPES, REL_TOL, assert_same_bits_for_threads, assert_signature, output_bits, rel_error,
+                   round_to, to_numpy)
 
 # (segment lengths, heads, head dim, l, d): odd lengths, segments shorter than l (no window), d = l,
 # overlapping windows (d < l), a trailing remainder shorter than d.
@@ -110,27 +109,16 @@ def test_graph_mode_gives_the_same_bits_and_threads_do_not_matter(dtype):
         out = ms_nsa.nsa_compress(x, w, c["block"], c["stride"], actual_seq_len=c["lengths"])
         return (out,) + tuple(ms_nsa.nsa_compress_grad(g, x, w, c["block"], c["stride"], actual_seq_len=c["lengths"]))
 
-    bits = lambda outs: [to_numpy(o).tobytes() for o in outs]  # noqa: E731
-    reference_bits = bits(eager())
-    assert bits(both(x, w, g)) == reference_bits
-    previous = ms_nsa.get_num_threads()
-    try:
-        for threads in (1, 3):
-            ms_nsa.set_num_threads(threads)
-            assert bits(eager()) == reference_bits
-    finally:
-        ms_nsa.set_num_threads(previous)
+    expected = output_bits(eager())
+    assert output_bits(both(x, w, g)) == expected
+    assert_same_bits_for_threads(eager, expected)
 
 
 def test_signatures_are_the_yamls_and_supersets_of_mindspores():
-    for function in (ms_nsa.nsa_compress, ms_nsa.nsa_compress_grad):
-        op_def = load_op_def(function.__name__)
-        params = inspect.signature(function).parameters
-        assert [p for p in params if params[p].kind == params[p].POSITIONAL_OR_KEYWORD] == op_def.python["positional"]
-        assert [p for p in params if params[p].kind == params[p].KEYWORD_ONLY] == op_def.python["keyword"]
     # mindspore.ops.nsa_compress(input, weight, compress_block_size, compress_stride, *, actual_seq_len)
-    assert list(inspect.signature(ms_nsa.nsa_compress).parameters) == [
-        "input", "weight", "compress_block_size", "compress_stride", "actual_seq_len"]
+    assert_signature(ms_nsa.nsa_compress, ["input", "weight", "compress_block_size", "compress_stride",
+                                           "actual_seq_len"])
+    assert_signature(ms_nsa.nsa_compress_grad, None)
 
 
 def _bad_calls():

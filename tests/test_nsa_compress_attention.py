@@ -4,8 +4,6 @@ both modes, determinism, and every rule of ops_yaml/nsa_compress_attention*.yaml
 from dataclasses import dataclass, replace
 from typing import Tuple
 
-import inspect
-
 import numpy as np
 import pytest
 import mindspore as ms
@@ -15,7 +13,8 @@ import ms_nsa
 from ms_nsa.compress_attention import reference
 from ms_nsa.compress_attention.composed import composed_attention, masks
 from ms_nsa.op_def import load_op_def
-from cases import MS_DTYPES, REL_TOL, rel_error, round_to, to_numpy
+from cases import (MS_DTYPES, REL_TOL, assert_same_bits_for_threads, assert_signature, output_bits, rel_error,
+                   round_to, to_numpy)
 
 
 @dataclass(frozen=True)
@@ -260,29 +259,18 @@ def test_graph_mode_same_bits_and_backward_independent_of_threads(dtype):
                                                    **grad_kwargs)
         return tuple(outs) + tuple(grads)
 
-    bits = lambda outs: [to_numpy(o).tobytes() for o in outs]  # noqa: E731
-    eager = bits(both(q, k, v, d_out))
-    assert bits(ms.jit(both)(q, k, v, d_out)) == eager
-    previous = ms_nsa.get_num_threads()
-    try:
-        for threads in (1, 3):
-            ms_nsa.set_num_threads(threads)
-            assert bits(both(q, k, v, d_out)) == eager
-    finally:
-        ms_nsa.set_num_threads(previous)
+    expected = output_bits(both(q, k, v, d_out))
+    assert output_bits(ms.jit(both)(q, k, v, d_out)) == expected
+    assert_same_bits_for_threads(lambda: both(q, k, v, d_out), expected)
 
 
 def test_signatures_are_the_yamls_and_supersets_of_mindspores():
-    for function in (ms_nsa.nsa_compress_attention, ms_nsa.nsa_compress_attention_grad):
-        op_def = load_op_def(function.__name__)
-        params = inspect.signature(function).parameters
-        assert [p for p in params if params[p].kind == params[p].POSITIONAL_OR_KEYWORD] == op_def.python["positional"]
-        assert [p for p in params if params[p].kind == params[p].KEYWORD_ONLY] == op_def.python["keyword"]
     # mindspore.ops.nsa_compress_attention (2.10): the same parameters in the same order
-    assert list(inspect.signature(ms_nsa.nsa_compress_attention).parameters) == [
+    assert_signature(ms_nsa.nsa_compress_attention, [
         "query", "key", "value", "scale_value", "head_num", "compress_block_size", "compress_stride",
         "select_block_size", "select_block_count", "topk_mask", "atten_mask", "actual_seq_qlen",
-        "actual_cmp_seq_kvlen", "actual_sel_seq_kvlen"]
+        "actual_cmp_seq_kvlen", "actual_sel_seq_kvlen"])
+    assert_signature(ms_nsa.nsa_compress_attention_grad, None)
     forward = load_op_def("nsa_compress_attention")
     assert forward.output_names == ["softmax_max", "softmax_sum", "attention_out", "topk_indices"]
     assert forward.python["returns"] == ["attention_out", "topk_indices", "softmax_max", "softmax_sum"]

@@ -37,10 +37,8 @@ NsaError build(int nparam, int *ndims, int64_t **shapes, const char **dtypes, vo
       ndims[out_rows] != 3) {
     return {ms_nsa::kBadProblem, "input must be 3-D (TND), weight 2-D and actual_seq_len 1-D"};
   }
-  if (!ms_nsa::aot::parse_dtype(dtypes[input], &p->dtype)) {
-    return {ms_nsa::kUnsupportedDType, std::string("input dtype ") + dtypes[input] +
-                                           " is not supported; use float32, float16 or bfloat16"};
-  }
+  const NsaError dtype_error = ms_nsa::aot::read_dtype("input", dtypes[input], &p->dtype);
+  if (dtype_error.status != ms_nsa::kOk) return dtype_error;
   p->tokens = shapes[input][0];
   p->heads = shapes[input][1];
   p->head_dim = shapes[input][2];

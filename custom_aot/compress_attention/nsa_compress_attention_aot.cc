@@ -59,16 +59,9 @@ NsaError build(const Layout &at, int nparam, int *ndims, int64_t **shapes, const
       ndims[at.cu_q] != 1 || ndims[at.cu_kv] != 1) {
     return {ms_nsa::kBadProblem, "query, key and value must be 3-D (TND), the cumulative lengths 1-D"};
   }
-  if (!ms_nsa::aot::parse_dtype(dtypes[at.query], &p->dtype)) {
-    return {ms_nsa::kUnsupportedDType, std::string("query dtype ") + dtypes[at.query] +
-                                           " is not supported; use float32, float16 or bfloat16"};
-  }
-  p->q_tokens = shapes[at.query][0];
-  p->q_heads = shapes[at.query][1];
-  p->qk_head_dim = shapes[at.query][2];
-  p->kv_tokens = shapes[at.key][0];
-  p->kv_heads = shapes[at.key][1];
-  p->v_head_dim = shapes[at.value][2];
+  const NsaError dtype_error = ms_nsa::aot::read_dtype("query", dtypes[at.query], &p->dtype);
+  if (dtype_error.status != ms_nsa::kOk) return dtype_error;
+  ms_nsa::aot::read_attention_shapes(shapes, at.query, at.key, at.value, p);
   p->batch_count = shapes[at.cu_q][0];
   p->cu_seqlens_q = static_cast<const int64_t *>(params[at.cu_q]);
   p->cu_seqlens_kv = static_cast<const int64_t *>(params[at.cu_kv]);
@@ -107,9 +100,7 @@ NsaError build(const Layout &at, int nparam, int *ndims, int64_t **shapes, const
   return {};
 }
 
-bool has_shape(int ndim, const int64_t *shape, int64_t a, int64_t b, int64_t c) {
-  return ndim == 3 && shape[0] == a && shape[1] == b && shape[2] == c;
-}
+using ms_nsa::aot::has_shape;
 
 constexpr const char *kForwardName = "nsa_compress_attention";
 constexpr const char *kBackwardName = "nsa_compress_attention_grad";
