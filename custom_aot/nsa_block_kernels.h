@@ -1,0 +1,319 @@
+// The block-outer ("inverted") strategy for small GQA groups, after Flash Sparse Attention
+// (arXiv 2508.18224): KV blocks outside, the (query row, head) pairs that selected them inside.
+//
+// The per-item strategy (nsa_kernels.h) reuses a loaded K/V block across the G heads of one query
+// row only: at G = 1 a score product is a matrix-vector product and the kernels run at memory speed.
+// Here a tile of query rows is taken at once; for each KV block the G query rows of every use of it
+// ((query row, slot) pairs of the tile that selected it) are gathered into one matrix, and the
+// block's products are real matrix products with M = uses * G rows (nsa_gemm.h, 4 x 4 vector tiles).
+//
+// The softmax couples a row's C blocks, so nothing is accumulated across blocks in place:
+//   forward   A. per block: for each use, S = scale * Q K^T, the block's part of the softmax (its
+//                max m_s, P_s = exp(S - m_s), its sum l_s) and the partial output P_s V, into
+//                per-(item, slot) buffers (item = one query row and KV head)
+//             D. per item: m = max_s m_s, l = sum_s l_s e^(m_s - m), O = sum_s e^(m_s - m) P_s V / l,
+//                the slots in slot order
+//   backward  A. per block (max and sum known from the forward): S, dP = dO V^T, P, dS; the block's
+//                owner adds dV += P^T dO and dK += dS^T Q over its uses in (query row, slot) order,
+//                and writes each use's partial dQ = dS K into a per-(item, slot) buffer
+//             D. per item: dQ = sum over slots, in slot order, of the partial dQ
+// Every output element is therefore a fixed sequence of operations: no atomics, the same bits for
+// any thread count, tile schedule or chunk size. The two strategies differ in the last bits (the
+// softmax sums run in a different order).
+#ifndef MS_NSA_NSA_BLOCK_KERNELS_H_
+#define MS_NSA_NSA_BLOCK_KERNELS_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+
+#include "nsa_kernels.h"
+
+namespace ms_nsa {
+
+// (query row, head) pairs one chunk of block uses gathers: the M of the block's products.
+// M below is this rounded up to 16.
+constexpr int64_t kChunkPairs = 128;
+
+inline int64_t chunk_uses(int64_t group) { return std::max<int64_t>(1, kChunkPairs / group); }
+inline int64_t chunk_pairs(int64_t group) { return chunk_uses(group) * group; }
+
+// Row stride of the chunk's score rows and of the transposed K/V blocks: beta rounded up to the widest
+// vector, so the element-wise passes may run whole vectors past the visible columns.
+inline int64_t padded_block(const NsaProblem &p) { return (p.select_block_size + 15) / 16 * 16; }
+
+// Per-thread scratch of the block kernels (sizes in block_scratch_floats()).
+struct BlockScratch {
+  float *keys_t;      // [D, beta_p]   K^T of the block
+  float *values_t;    // [Dv, beta_p]  V^T (backward)
+  float *key_tile;    // [beta, D]     converted key rows (half types)
+  float *value_tile;  // [beta, Dv]
+  float *q_rows;      // [M, D]        query rows of the chunk's pairs (forward: Q^T [D, M])
+  float *do_rows;     // [M, Dv]       grad rows (backward)
+  float *scores;      // [M, beta_p]   S, then P (forward: S^T, P^T [beta, M])
+  float *dscores;     // [M, beta_p]   dP, then dS (backward)
+  float *out_rows;    // [M, max(D, Dv)]  a product's result before it is scattered; converted rows
+  float *pair_stats;  // [3, M]        row max, 1 / row sum, Delta per pair (forward: block max, sum)
+};
+
+// Pairs of a chunk rounded up to the widest vector (the transposed forward scores' row length).
+inline int64_t padded_pairs(const NsaProblem &p) { return (chunk_pairs(p.q_heads / p.kv_heads) + 15) / 16 * 16; }
+
+inline int64_t block_scratch_floats(const NsaProblem &p) {
+  const int64_t m = padded_pairs(p), bp = padded_block(p);
+  const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
+  return (D + Dv) * bp + p.select_block_size * (D + Dv) + m * (D + Dv + 2 * bp + std::max(D, Dv) + 3);
+}
+
+inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base) {
+  const int64_t m = padded_pairs(p), bp = padded_block(p);
+  const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
+  BlockScratch s;
+  s.keys_t = base;
+  s.values_t = s.keys_t + D * bp;
+  s.key_tile = s.values_t + Dv * bp;
+  s.value_tile = s.key_tile + p.select_block_size * D;
+  s.q_rows = s.value_tile + p.select_block_size * Dv;
+  s.do_rows = s.q_rows + m * D;
+  s.scores = s.do_rows + m * Dv;
+  s.dscores = s.scores + m * bp;
+  s.out_rows = s.dscores + m * bp;
+  s.pair_stats = s.out_rows + m * std::max(D, Dv);
+  return s;
+}
+
+// Where one tile's shared buffers and uses are (the uses of one block: sorted, (query row, slot) order).
+struct TileView {
+  int64_t tile_begin;  // first query row of the tile
+  float *partial;      // [items, C, G, width]: per-(item, slot) partial O (width Dv) or dQ (width D);
+                       // item = tile row * N2 + KV head
+  float *stats;        // forward: [items, C, 2, G]: per-(item, slot) block max m_s, then weight; sum l_s
+};
+
+inline int64_t use_item(const NsaProblem &p, const BlockUse &use) { return use.tile_row * p.kv_heads + use.kv_head; }
+
+inline int64_t use_head0(const NsaProblem &p, const TileView &tile, const BlockUse &use) {
+  return (tile.tile_begin + use.tile_row) * p.q_heads + use.kv_head * (p.q_heads / p.kv_heads);
+}
+
+// End of the chunk starting at `begin`: consecutive uses that see the same rows of the block (so one
+// product serves them all; only causal diagonal blocks see fewer than beta), at most chunk_uses().
+inline int64_t chunk_end(const BlockUse *uses, int64_t begin, int64_t use_count, int64_t max_uses) {
+  int64_t end = begin + 1;
+  while (end < use_count && end - begin < max_uses && uses[end].visible == uses[begin].visible) ++end;
+  return end;
+}
+
+inline int64_t rows_reached(const BlockUse *uses, int64_t use_count) {
+  int64_t reached = 0;
+  for (int64_t u = 0; u < use_count; ++u) reached = std::max(reached, uses[u].visible);
+  return reached;
+}
+
+// dst[e * ld_dst + j] = src[j * ld_src + e] for the block's first `rows` rows.
+MS_NSA_INLINE void transpose_block(const float *src, int64_t ld_src, int64_t rows, int64_t dim, float *dst,
+                                   int64_t ld_dst) {
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t e = 0; e < dim; ++e) dst[e * ld_dst + j] = src[j * ld_src + e];
+  }
+}
+
+// The G rows [G, dim] of every use of a chunk, converted to float32, one after the other in `dst`.
+template <int W>
+MS_NSA_INLINE void gather_pair_rows(const NsaProblem &p, const TileView &tile, const void *tensor, int64_t dim,
+                                    const BlockUse *uses, int64_t count, float *dst) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  for (int64_t u = 0; u < count; ++u) {
+    load_row_fast<W>(p.dtype, tensor, use_head0(p, tile, uses[u]) * dim, dst + u * group * dim, group * dim);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward.
+
+// Forward A, for every use of one KV block: S = scale * Q K^T, the block's part of the softmax (its
+// max m_s, P_s = exp(S - m_s), its sum l_s) and the partial output P_s V, into the tile's
+// per-(item, slot) buffers. Nothing here depends on the row's other blocks. Scores are kept
+// transposed, S^T [visible, pairs] = K Q^T as in the per-item kernels: K is read as it lies, and the
+// block's max and sum per pair are lane-wise operations down the key rows.
+template <int W>
+MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, const BlockUse *uses, int64_t use_count,
+                                 const BlockScratch &s) {
+  typedef typename Lanes<W>::type V;
+  const NsaProblem &p = *f.p;
+  const int64_t group = p.q_heads / p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
+  const int64_t count = p.select_block_count;
+  constexpr int kRows = kTileRegs<W> / 4;
+  const int64_t reached = rows_reached(uses, use_count);
+  int64_t ld_key = 0, ld_value = 0;
+  const float *keys = kv_rows<W>(p, f.key, D, uses[0].block_row, uses[0].kv_head, reached, s.key_tile, &ld_key);
+  const float *values = kv_rows<W>(p, f.value, Dv, uses[0].block_row, uses[0].kv_head, reached, s.value_tile,
+                                   &ld_value);
+  float *q_t = s.q_rows, *scores_t = s.scores, *block_max = s.pair_stats;
+  for (int64_t begin = 0; begin < use_count;) {
+    const int64_t end = chunk_end(uses, begin, use_count, chunk_uses(group)), visible = uses[begin].visible;
+    const int64_t pairs = (end - begin) * group, lanes = (pairs + W - 1) / W * W;
+    for (int64_t u = begin; u < end; ++u) {  // Q^T [D, lanes], zero in the padding lanes
+      const float *rows = as_float<W>(p, f.query, use_head0(p, tile, uses[u]) * D, group * D, s.out_rows);
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t e = 0; e < D; ++e) q_t[e * lanes + (u - begin) * group + g] = rows[g * D + e];
+      }
+    }
+    for (int64_t e = 0; e < D; ++e) std::fill(q_t + e * lanes + pairs, q_t + (e + 1) * lanes, 0.0f);
+    product<W, kRows, 4, Update::kOverwrite>(visible, lanes, D, {keys, ld_key, 1}, q_t, lanes, scores_t, lanes,
+                                             p.scale_value);
+    float *block_sum = block_max + lanes;
+    for (int64_t lane = 0; lane < lanes; lane += W) {
+      V m = splat<W>(kNegInf);
+      for (int64_t j = 0; j < visible; ++j) m = nan_max<W>(m, load<W>(scores_t + j * lanes + lane));
+      // A pair whose visible scores here are all -inf gets P = 0 from this block, not exp(-inf + inf).
+      const V shift = m == kNegInf ? V{} : m;
+      V l{};
+      for (int64_t j = 0; j < visible; ++j) {
+        const V e = exp<W>(load<W>(scores_t + j * lanes + lane) - shift);
+        store<W>(scores_t + j * lanes + lane, e);
+        l += e;
+      }
+      store<W>(block_max + lane, m);
+      store<W>(block_sum + lane, l);
+    }
+    product<W, kRows, 4, Update::kOverwrite>(pairs, Dv, visible, {scores_t, 1, lanes}, values, ld_value, s.out_rows,
+                                             Dv);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t slot = use_item(p, uses[u]) * count + uses[u].slot, first_pair = (u - begin) * group;
+      std::memcpy(tile.partial + slot * group * Dv, s.out_rows + first_pair * Dv, group * Dv * sizeof(float));
+      std::memcpy(tile.stats + slot * group * 2, block_max + first_pair, group * sizeof(float));
+      std::memcpy(tile.stats + slot * group * 2 + group, block_sum + first_pair, group * sizeof(float));
+    }
+    begin = end;
+  }
+}
+
+// Forward D, for one item: per (query row, head) the row max m = max_s m_s and sum l = sum_s l_s e^(m_s - m)
+// over its visible slots in slot order, then O = sum_s e^(m_s - m) P_s V / l. Writes softmax_max/sum
+// and the item's weights e^(m_s - m) into the stats buffer's max entries for item_sum_partials.
+template <int W>
+MS_NSA_INLINE void item_combine_stats(const ForwardArgs &f, const TileView &tile, int64_t item) {
+  const NsaProblem &p = *f.p;
+  const int64_t group = p.q_heads / p.kv_heads, count = p.select_block_count;
+  const Item it(p, f.topk, tile.tile_begin + item / p.kv_heads, item % p.kv_heads);
+  float *stats = tile.stats + item * count * group * 2;
+  for (int64_t g = 0; g < group; ++g) {
+    float row_max = kNegInf, row_sum = 0.0f;
+    for (int64_t i = 0; i < count; ++i) {
+      if (it.visible(p, i) > 0) row_max = nan_max<1>(row_max, stats[i * group * 2 + g]);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      if (it.visible(p, i) == 0) continue;
+      float *slot = stats + i * group * 2;
+      slot[g] = std::exp(slot[g] - row_max);  // the slot's weight from here on
+      row_sum += slot[group + g] * slot[g];
+    }
+    std::fill_n(f.softmax_max + (it.head0 + g) * kSoftmaxStatWidth, kSoftmaxStatWidth, row_max);
+    std::fill_n(f.softmax_sum + (it.head0 + g) * kSoftmaxStatWidth, kSoftmaxStatWidth, row_sum);
+  }
+}
+
+// D (forward and backward): the G output rows of one item, the sum over its visible slots, in slot
+// order, of the partial rows times the slot's weight per head (forward: e^(m_s - m) / l from
+// item_combine_stats; backward: none), stored in the output dtype.
+template <int W>
+MS_NSA_INLINE void item_sum_partials(const NsaProblem &p, const int32_t *topk, const TileView &tile, int64_t item,
+                                     int64_t width, const float *row_sums, void *out, float *acc) {
+  const int64_t group = p.q_heads / p.kv_heads, count = p.select_block_count;
+  const Item it(p, topk, tile.tile_begin + item / p.kv_heads, item % p.kv_heads);
+  std::fill(acc, acc + group * width, 0.0f);
+  for (int64_t i = 0; i < count; ++i) {
+    if (it.visible(p, i) == 0) continue;
+    const float *part = tile.partial + (item * count + i) * group * width;
+    const float *weights = row_sums ? tile.stats + (item * count + i) * group * 2 : nullptr;
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = weights ? weights[g] / row_sums[(it.head0 + g) * kSoftmaxStatWidth] : 1.0f;
+      float *acc_row = acc + g * width;
+      const float *part_row = part + g * width;
+      int64_t e = 0;
+      for (; e + W <= width; e += W) store<W>(acc_row + e, load<W>(acc_row + e) + weight * load<W>(part_row + e));
+      for (; e < width; ++e) acc_row[e] += weight * part_row[e];
+    }
+  }
+  store_row_fast<W>(p.dtype, acc, out, it.head0 * width, group * width);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward.
+
+// A: everything one KV block contributes: its dK/dV rows (owned by the caller) summed over its uses in
+// order, and each use's partial dQ into the tile's per-(item, slot) buffer.
+template <int W>
+MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, const BlockUse *uses,
+                                  int64_t use_count, const BlockScratch &s) {
+  typedef typename Lanes<W>::type V;
+  const NsaProblem &p = *b.p;
+  const int64_t group = p.q_heads / p.kv_heads, N2 = p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
+  const int64_t count = p.select_block_count, bp = padded_block(p), max_pairs = chunk_pairs(group);
+  constexpr int kRows = kTileRegs<W> / 4;
+  const BlockUse &first = uses[0];
+  const int64_t reached = rows_reached(uses, use_count);
+  int64_t ld_key = 0, ld_value = 0;
+  const float *keys = kv_rows<W>(p, b.key, D, first.block_row, first.kv_head, reached, s.key_tile, &ld_key);
+  const float *values = kv_rows<W>(p, b.value, Dv, first.block_row, first.kv_head, reached, s.value_tile, &ld_value);
+  transpose_block(keys, ld_key, reached, D, s.keys_t, bp);
+  transpose_block(values, ld_value, reached, Dv, s.values_t, bp);
+  float *dk_block = b.dk_acc + (first.block_row * N2 + first.kv_head) * D;
+  float *dv_block = b.dv_acc + (first.block_row * N2 + first.kv_head) * Dv;
+  float *row_max = s.pair_stats, *inv_sum = s.pair_stats + max_pairs, *delta = s.pair_stats + 2 * max_pairs;
+
+  for (int64_t begin = 0; begin < use_count;) {
+    const int64_t end = chunk_end(uses, begin, use_count, chunk_uses(group)), visible = uses[begin].visible;
+    const int64_t pairs = (end - begin) * group;
+    gather_pair_rows<W>(p, tile, b.query, D, uses + begin, end - begin, s.q_rows);
+    gather_pair_rows<W>(p, tile, b.grad, Dv, uses + begin, end - begin, s.do_rows);
+    gather_pair_rows<W>(p, tile, b.attention_out, Dv, uses + begin, end - begin, s.out_rows);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t head0 = use_head0(p, tile, uses[u]);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t pair = (u - begin) * group + g;
+        row_max[pair] = b.softmax_max[(head0 + g) * kSoftmaxStatWidth];
+        inv_sum[pair] = 1.0f / b.softmax_sum[(head0 + g) * kSoftmaxStatWidth];
+        delta[pair] = dot<W>(s.do_rows + pair * Dv, s.out_rows + pair * Dv, Dv);
+      }
+    }
+    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
+                                             p.scale_value);
+    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, Dv, {s.do_rows, Dv, 1}, s.values_t, bp, s.dscores, bp);
+    // P and dS (scale folded in), whole vectors: the columns past `visible` are never read.
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      for (int64_t j = 0; j < visible; j += W) {
+        float *prob_at = s.scores + pair * bp + j, *dprob_at = s.dscores + pair * bp + j;
+        const V prob = exp<W>(load<W>(prob_at) - row_max[pair]) * inv_sum[pair];
+        store<W>(prob_at, prob);
+        store<W>(dprob_at, prob * (load<W>(dprob_at) - delta[pair]) * p.scale_value);
+      }
+    }
+    product<W, kRows, 4, Update::kAccumulate>(visible, Dv, pairs, {s.scores, 1, bp}, s.do_rows, Dv, dv_block, N2 * Dv);
+    product<W, kRows, 4, Update::kAccumulate>(visible, D, pairs, {s.dscores, 1, bp}, s.q_rows, D, dk_block, N2 * D);
+    product<W, kRows, 4, Update::kOverwrite>(pairs, D, visible, {s.dscores, bp, 1}, keys, ld_key, s.out_rows, D);
+    for (int64_t u = begin; u < end; ++u) {
+      std::memcpy(tile.partial + ((use_item(p, uses[u]) * count + uses[u].slot) * group) * D,
+                  s.out_rows + (u - begin) * group * D, group * D * sizeof(float));
+    }
+    begin = end;
+  }
+}
+
+// Step D of the forward and of the backward for one item (acc: [G, max(D, Dv)] of scratch).
+template <int W>
+MS_NSA_INLINE void item_forward_finish(const ForwardArgs &f, const TileView &tile, int64_t item, float *acc) {
+  item_combine_stats<W>(f, tile, item);
+  item_sum_partials<W>(*f.p, f.topk, tile, item, f.p->v_head_dim, f.softmax_sum, f.attention_out, acc);
+}
+
+template <int W>
+MS_NSA_INLINE void item_backward_finish(const BackwardArgs &b, const TileView &tile, int64_t item, float *acc) {
+  item_sum_partials<W>(*b.p, b.topk, tile, item, b.p->qk_head_dim, nullptr, b.dq, acc);
+}
+
+}  // namespace ms_nsa
+
+#endif  // MS_NSA_NSA_BLOCK_KERNELS_H_
