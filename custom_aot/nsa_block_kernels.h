@@ -49,12 +49,12 @@ struct BlockScratch {
   float *values_t;    // [Dv, beta_p]  V^T (backward)
   float *key_tile;    // [beta, D]     converted key rows (half types)
   float *value_tile;  // [beta, Dv]
-  float *q_rows;      // [M, D]        query rows of the chunk's pairs (forward: Q^T [D, M])
+  float *q_rows;      // [M, D]        query rows of the chunk's pairs
   float *do_rows;     // [M, Dv]       grad rows (backward)
-  float *scores;      // [M, beta_p]   S, then P (forward: S^T, P^T [beta, M])
+  float *scores;      // [M, beta_p]   S, then P
   float *dscores;     // [M, beta_p]   dP, then dS (backward)
   float *out_rows;    // [M, max(D, Dv)]  a product's result before it is scattered; converted rows
-  float *pair_stats;  // [3, M]        row max, 1 / row sum, Delta per pair (forward: block max, sum)
+  float *pair_stats;  // [3, M]        row max, 1 / row sum, Delta per pair (backward)
 };
 
 // Pairs of a chunk rounded up to the widest vector (the transposed forward scores' row length).
@@ -132,59 +132,96 @@ MS_NSA_INLINE void gather_pair_rows(const NsaProblem &p, const TileView &tile, c
 // ---------------------------------------------------------------------------------------------------
 // Forward.
 
+// The first `n` floats of src as a vector, `fill` in the lanes beyond.
+template <int W>
+MS_NSA_INLINE typename Lanes<W>::type load_head(const float *src, int64_t n, float fill) {
+  if (n >= W) return load<W>(src);
+  float lanes[W];
+  for (int l = 0; l < W; ++l) lanes[l] = l < n ? src[l] : fill;
+  return load<W>(lanes);
+}
+
+// Lane reductions in log2(W) halving steps (a max that keeps NaN, a sum in a fixed order).
+template <int W>
+MS_NSA_INLINE float reduce_max(typename Lanes<W>::type v) {
+  if constexpr (W == 1) {
+    return v;
+  } else {
+    typename Lanes<W / 2>::type low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char *>(&v) + sizeof(low), sizeof(high));
+    return reduce_max<W / 2>(nan_max<W / 2>(low, high));
+  }
+}
+
+template <int W>
+MS_NSA_INLINE float reduce_sum(typename Lanes<W>::type v) {
+  if constexpr (W == 1) {
+    return v;
+  } else {
+    typename Lanes<W / 2>::type low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char *>(&v) + sizeof(low), sizeof(high));
+    return reduce_sum<W / 2>(low + high);
+  }
+}
+
+// One block's part of a softmax row, over row[0, n): its max m_s, exp(x - m_s) in place and their sum.
+// A row whose scores here are all -inf gets P = 0 from this block, not exp(-inf + inf) = NaN.
+template <int W>
+MS_NSA_INLINE void block_row_softmax(float *row, int64_t n, float *row_max_out, float *row_sum_out) {
+  typedef typename Lanes<W>::type V;
+  V m_lanes = splat<W>(kNegInf);
+  for (int64_t j = 0; j < n; j += W) m_lanes = nan_max<W>(m_lanes, load_head<W>(row + j, n - j, kNegInf));
+  const float row_max = reduce_max<W>(m_lanes), shift = row_max == kNegInf ? 0.0f : row_max;
+  V l_lanes{};
+  for (int64_t j = 0; j < n; j += W) {
+    const V e = exp<W>(load_head<W>(row + j, n - j, kNegInf) - shift);  // padding lanes: exp(-inf) = 0
+    if (n - j >= W) {
+      store<W>(row + j, e);
+    } else {
+      float lanes[W];
+      store<W>(lanes, e);
+      std::memcpy(row + j, lanes, (n - j) * sizeof(float));
+    }
+    l_lanes += e;
+  }
+  *row_max_out = row_max;
+  *row_sum_out = reduce_sum<W>(l_lanes);
+}
+
 // Forward A, for every use of one KV block: S = scale * Q K^T, the block's part of the softmax (its
 // max m_s, P_s = exp(S - m_s), its sum l_s) and the partial output P_s V, into the tile's
-// per-(item, slot) buffers. Nothing here depends on the row's other blocks. Scores are kept
-// transposed, S^T [visible, pairs] = K Q^T as in the per-item kernels: K is read as it lies, and the
-// block's max and sum per pair are lane-wise operations down the key rows.
+// per-(item, slot) buffers. Nothing here depends on the row's other blocks.
 template <int W>
 MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, const BlockUse *uses, int64_t use_count,
                                  const BlockScratch &s) {
-  typedef typename Lanes<W>::type V;
   const NsaProblem &p = *f.p;
   const int64_t group = p.q_heads / p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
-  const int64_t count = p.select_block_count;
+  const int64_t count = p.select_block_count, bp = padded_block(p);
   constexpr int kRows = kTileRegs<W> / 4;
   const int64_t reached = rows_reached(uses, use_count);
   int64_t ld_key = 0, ld_value = 0;
   const float *keys = kv_rows<W>(p, f.key, D, uses[0].block_row, uses[0].kv_head, reached, s.key_tile, &ld_key);
   const float *values = kv_rows<W>(p, f.value, Dv, uses[0].block_row, uses[0].kv_head, reached, s.value_tile,
                                    &ld_value);
-  float *q_t = s.q_rows, *scores_t = s.scores, *block_max = s.pair_stats;
+  transpose_block(keys, ld_key, reached, D, s.keys_t, bp);
   for (int64_t begin = 0; begin < use_count;) {
     const int64_t end = chunk_end(uses, begin, use_count, chunk_uses(group)), visible = uses[begin].visible;
-    const int64_t pairs = (end - begin) * group, lanes = (pairs + W - 1) / W * W;
-    for (int64_t u = begin; u < end; ++u) {  // Q^T [D, lanes], zero in the padding lanes
-      const float *rows = as_float<W>(p, f.query, use_head0(p, tile, uses[u]) * D, group * D, s.out_rows);
-      for (int64_t g = 0; g < group; ++g) {
-        for (int64_t e = 0; e < D; ++e) q_t[e * lanes + (u - begin) * group + g] = rows[g * D + e];
-      }
-    }
-    for (int64_t e = 0; e < D; ++e) std::fill(q_t + e * lanes + pairs, q_t + (e + 1) * lanes, 0.0f);
-    product<W, kRows, 4, Update::kOverwrite>(visible, lanes, D, {keys, ld_key, 1}, q_t, lanes, scores_t, lanes,
+    const int64_t pairs = (end - begin) * group;
+    gather_pair_rows<W>(p, tile, f.query, D, uses + begin, end - begin, s.q_rows);
+    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
                                              p.scale_value);
-    float *block_sum = block_max + lanes;
-    for (int64_t lane = 0; lane < lanes; lane += W) {
-      V m = splat<W>(kNegInf);
-      for (int64_t j = 0; j < visible; ++j) m = nan_max<W>(m, load<W>(scores_t + j * lanes + lane));
-      // A pair whose visible scores here are all -inf gets P = 0 from this block, not exp(-inf + inf).
-      const V shift = m == kNegInf ? V{} : m;
-      V l{};
-      for (int64_t j = 0; j < visible; ++j) {
-        const V e = exp<W>(load<W>(scores_t + j * lanes + lane) - shift);
-        store<W>(scores_t + j * lanes + lane, e);
-        l += e;
-      }
-      store<W>(block_max + lane, m);
-      store<W>(block_sum + lane, l);
-    }
-    product<W, kRows, 4, Update::kOverwrite>(pairs, Dv, visible, {scores_t, 1, lanes}, values, ld_value, s.out_rows,
-                                             Dv);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t slot = use_item(p, uses[u]) * count + uses[u].slot, first_pair = (u - begin) * group;
-      std::memcpy(tile.partial + slot * group * Dv, s.out_rows + first_pair * Dv, group * Dv * sizeof(float));
-      std::memcpy(tile.stats + slot * group * 2, block_max + first_pair, group * sizeof(float));
-      std::memcpy(tile.stats + slot * group * 2 + group, block_sum + first_pair, group * sizeof(float));
+      float *stats = tile.stats + (use_item(p, uses[u]) * count + uses[u].slot) * group * 2;
+      for (int64_t g = 0; g < group; ++g) {
+        block_row_softmax<W>(s.scores + ((u - begin) * group + g) * bp, visible, stats + g, stats + group + g);
+      }
+    }
+    product<W, kRows, 4, Update::kOverwrite>(pairs, Dv, visible, {s.scores, bp, 1}, values, ld_value, s.out_rows, Dv);
+    for (int64_t u = begin; u < end; ++u) {
+      std::memcpy(tile.partial + ((use_item(p, uses[u]) * count + uses[u].slot) * group) * Dv,
+                  s.out_rows + (u - begin) * group * Dv, group * Dv * sizeof(float));
     }
     begin = end;
   }

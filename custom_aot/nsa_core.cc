@@ -236,15 +236,18 @@ int64_t block_tile_rows(const NsaProblem &p) {
   return std::clamp<int64_t>(kTileFloats / per_row, 1, std::max<int64_t>(1, p.q_tokens));
 }
 
-// The per-item strategy already multiplies each gathered block by G query rows; the block strategy by
-// G times the uses of the block in a tile. Look at the first tile's selection: if its blocks are not
-// used clearly more than once, the gathering would cost more than it saves.
-Strategy choose_strategy(const NsaProblem &p, const int32_t *topk_indices) {
+// The per-item strategy multiplies each gathered K/V block by the G query rows of one item; the block
+// strategy by G times the uses of that block in a tile, at the price of gathering rows and of
+// per-(item, slot) partial results. Measured on AVX-512 (docs/performance.md): the block strategy
+// wins the forward below G = 16 and the backward up to G = 16, for local (NSA-like) and for random
+// selections alike, so the shapes alone decide.
+enum class Pass { kForward, kBackward };
+
+Strategy choose_strategy(const NsaProblem &p, Pass pass) {
   const Strategy forced = forced_strategy();
   if (forced != Strategy::kAuto) return forced;
-  const int64_t group = p.q_heads / p.kv_heads;
-  if (group >= 16) return Strategy::kItems;
-  return Strategy::kBlocks;
+  const int64_t group = p.q_heads / p.kv_heads, largest_block_group = pass == Pass::kForward ? 8 : 16;
+  return group <= largest_block_group ? Strategy::kBlocks : Strategy::kItems;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -409,7 +412,7 @@ NsaError nsa_forward(const NsaProblem &p, const void *query, const void *key, co
   NsaError err = nsa_validate(p, topk_indices);
   if (err.status != kOk) return err;
   const ForwardArgs args{&p, query, key, value, topk_indices, softmax_max, softmax_sum, attention_out};
-  if (choose_strategy(p, topk_indices) == Strategy::kBlocks) {
+  if (choose_strategy(p, Pass::kForward) == Strategy::kBlocks) {
     forward_by_blocks(p, args);
   } else {
     forward_by_items(p, args);
@@ -441,7 +444,7 @@ NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, c
   }
   const BackwardArgs args{&p, query, key, value, attention_out, grad, softmax_max, softmax_sum, topk_indices,
                           dq, dk_acc, dv_acc};
-  if (choose_strategy(p, topk_indices) == Strategy::kBlocks) {
+  if (choose_strategy(p, Pass::kBackward) == Strategy::kBlocks) {
     backward_by_blocks(p, args);
   } else {
     backward_by_items(p, args);
