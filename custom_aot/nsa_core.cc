@@ -228,26 +228,42 @@ Strategy forced_strategy() {
   return static_cast<Strategy>(forced);
 }
 
-// Query rows per tile of the block strategy: its per-(item, slot) buffers take about 8 MiB.
+// Query rows per tile of the block strategy: its per-(item, slot) buffers take about 16 MiB (half of
+// that gave the block uses of local selections 10 % less reuse).
 int64_t block_tile_rows(const NsaProblem &p) {
-  constexpr int64_t kTileFloats = int64_t{1} << 21;
+  constexpr int64_t kTileFloats = int64_t{1} << 22;
   const int64_t per_row = p.q_heads * p.select_block_count *
                           std::max(p.qk_head_dim, p.v_head_dim + 2);
   return std::clamp<int64_t>(kTileFloats / per_row, 1, std::max<int64_t>(1, p.q_tokens));
 }
 
-// The per-item strategy multiplies each gathered K/V block by the G query rows of one item; the block
-// strategy by G times the uses of that block in a tile, at the price of gathering rows and of
-// per-(item, slot) partial results. Measured on AVX-512 (docs/performance.md): the block strategy
-// wins the forward below G = 16 and the backward up to G = 16, for local (NSA-like) and for random
-// selections alike, so the shapes alone decide.
+// Mean uses per selected KV block in one tile of query rows from the middle of the problem: the
+// factor by which the block strategy multiplies the reuse of a loaded block (the per-item strategy
+// reuses it G times, the block strategy G times this).
+double block_reuse(const NsaProblem &p, const int32_t *topk_indices) {
+  const int64_t rows = std::min(block_tile_rows(p), p.q_tokens);
+  const int64_t begin = std::min(p.q_tokens / 2, p.q_tokens - rows);
+  std::vector<BlockUse> uses;
+  std::vector<int64_t> block_starts;
+  collect_block_uses(p, topk_indices, begin, rows, &uses, &block_starts);
+  return uses.empty() ? 0.0 : static_cast<double>(uses.size()) / static_cast<double>(block_starts.size() - 1);
+}
+
+// The block strategy pays for gathering rows and for per-(item, slot) partial results; it wins when
+// a block's uses in a tile times G clearly exceeds G alone. Measured at T = 4096, D = 192, C = 16 on
+// AVX-512 (docs/performance.md): for G <= 4 whenever blocks are reused a few times (random
+// selections reuse them ~10 times per tile there, 2-2.5x faster at G = 1, 2); for larger groups only
+// with local (NSA-like) selections, which reuse them ~40 times: G = 8 wins 1.1x, while random ones
+// lose at G = 8 (0.7x); the forward loses at G = 16 even with local selections, the backward does not.
 enum class Pass { kForward, kBackward };
 
-Strategy choose_strategy(const NsaProblem &p, Pass pass) {
+Strategy choose_strategy(const NsaProblem &p, const int32_t *topk_indices, Pass pass) {
   const Strategy forced = forced_strategy();
   if (forced != Strategy::kAuto) return forced;
-  const int64_t group = p.q_heads / p.kv_heads, largest_block_group = pass == Pass::kForward ? 8 : 16;
-  return group <= largest_block_group ? Strategy::kBlocks : Strategy::kItems;
+  const int64_t group = p.q_heads / p.kv_heads, largest_local_group = pass == Pass::kForward ? 8 : 16;
+  if (group > largest_local_group) return Strategy::kItems;
+  const double reuse = block_reuse(p, topk_indices);
+  return reuse >= (group <= 4 ? 4.0 : 20.0) ? Strategy::kBlocks : Strategy::kItems;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -412,7 +428,7 @@ NsaError nsa_forward(const NsaProblem &p, const void *query, const void *key, co
   NsaError err = nsa_validate(p, topk_indices);
   if (err.status != kOk) return err;
   const ForwardArgs args{&p, query, key, value, topk_indices, softmax_max, softmax_sum, attention_out};
-  if (choose_strategy(p, Pass::kForward) == Strategy::kBlocks) {
+  if (choose_strategy(p, topk_indices, Pass::kForward) == Strategy::kBlocks) {
     forward_by_blocks(p, args);
   } else {
     forward_by_items(p, args);
@@ -444,7 +460,7 @@ NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, c
   }
   const BackwardArgs args{&p, query, key, value, attention_out, grad, softmax_max, softmax_sum, topk_indices,
                           dq, dk_acc, dv_acc};
-  if (choose_strategy(p, Pass::kBackward) == Strategy::kBlocks) {
+  if (choose_strategy(p, topk_indices, Pass::kBackward) == Strategy::kBlocks) {
     backward_by_blocks(p, args);
   } else {
     backward_by_items(p, args);
