@@ -251,10 +251,10 @@ double block_reuse(const NsaProblem &p, const int32_t *topk_indices) {
 
 // The block strategy pays for gathering rows and for per-(item, slot) partial results; it wins when
 // a block's uses in a tile times G clearly exceeds G alone. Measured at T = 4096, D = 192, C = 16 on
-// AVX-512 (docs/performance.md): for G <= 4 whenever blocks are reused a few times (random
-// selections reuse them ~10 times per tile there, 2-2.5x faster at G = 1, 2); for larger groups only
-// with local (NSA-like) selections, which reuse them ~40 times: G = 8 wins 1.1x, while random ones
-// lose at G = 8 (0.7x); the forward loses at G = 16 even with local selections, the backward does not.
+// AVX-512 (docs/performance.md, small-group sweep): 3-5x at G = 1, 2 and 1.2-1.6x at G = 4 with random
+// selections (~21 uses per block and tile) and local ones (~75); at G = 8 local selections win a
+// little and random ones went from 0.7x (8 MiB tiles, ~10 uses) to 1.4x (16 MiB tiles, ~21 uses);
+// at G = 16 the block forward loses, the block backward does not.
 enum class Pass { kForward, kBackward };
 
 Strategy choose_strategy(const NsaProblem &p, const int32_t *topk_indices, Pass pass) {
