@@ -181,28 +181,21 @@ MS_NSA_INLINE typename Lanes<W>::type load_head(const float *src, int64_t n, flo
   return load<W>(lanes);
 }
 
-// Lane reductions in log2(W) halving steps (a max that keeps NaN, a sum in a fixed order).
-template <int W>
-MS_NSA_INLINE float reduce_max(typename Lanes<W>::type v) {
+// A reduction over the lanes in log2(W) halving steps: a max that keeps NaN (kMax) or a sum, each in a
+// fixed order.
+template <int W, bool kMax>
+MS_NSA_INLINE float reduce_lanes(typename Lanes<W>::type v) {
   if constexpr (W == 1) {
     return v;
   } else {
     typename Lanes<W / 2>::type low, high;
     std::memcpy(&low, &v, sizeof(low));
     std::memcpy(&high, reinterpret_cast<const char *>(&v) + sizeof(low), sizeof(high));
-    return reduce_max<W / 2>(nan_max<W / 2>(low, high));
-  }
-}
-
-template <int W>
-MS_NSA_INLINE float reduce_sum(typename Lanes<W>::type v) {
-  if constexpr (W == 1) {
-    return v;
-  } else {
-    typename Lanes<W / 2>::type low, high;
-    std::memcpy(&low, &v, sizeof(low));
-    std::memcpy(&high, reinterpret_cast<const char *>(&v) + sizeof(low), sizeof(high));
-    return reduce_sum<W / 2>(low + high);
+    if constexpr (kMax) {
+      return reduce_lanes<W / 2, kMax>(nan_max<W / 2>(low, high));
+    } else {
+      return reduce_lanes<W / 2, kMax>(low + high);
+    }
   }
 }
 
@@ -213,7 +206,7 @@ MS_NSA_INLINE void block_row_softmax(float *row, int64_t n, float *row_max_out, 
   typedef typename Lanes<W>::type V;
   V m_lanes = splat<W>(kNegInf);
   for (int64_t j = 0; j < n; j += W) m_lanes = nan_max<W>(m_lanes, load_head<W>(row + j, n - j, kNegInf));
-  const float row_max = reduce_max<W>(m_lanes), shift = row_max == kNegInf ? 0.0f : row_max;
+  const float row_max = reduce_lanes<W, true>(m_lanes), shift = row_max == kNegInf ? 0.0f : row_max;
   V l_lanes{};
   for (int64_t j = 0; j < n; j += W) {
     const V e = exp<W>(load_head<W>(row + j, n - j, kNegInf) - shift);  // padding lanes: exp(-inf) = 0
@@ -227,7 +220,7 @@ MS_NSA_INLINE void block_row_softmax(float *row, int64_t n, float *row_max_out, 
     l_lanes += e;
   }
   *row_max_out = row_max;
-  *row_sum_out = reduce_sum<W>(l_lanes);
+  *row_sum_out = reduce_lanes<W, false>(l_lanes);
 }
 
 // Forward A, for every use of one KV block: S = scale * Q K^T, the block's part of the softmax (its
