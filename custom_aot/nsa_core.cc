@@ -11,6 +11,10 @@
 // contributions in (query row, slot) order. Each dk/dv element is therefore summed in increasing
 // query-row order whatever the thread count, scheduling or tile size.
 //
+// Small groups: a second strategy (nsa_block_kernels.h) turns the loops around, KV blocks outside and
+// the query rows of a tile that selected them inside, so each loaded block feeds real matrix
+// products. choose_strategy() below picks one per call; both are deterministic in the same sense.
+//
 // Instruction sets: the kernels are compiled three times, for AVX-512, for AVX2+FMA and for the
 // x86-64 baseline, and the best one the CPU supports is picked at run time (MS_NSA_ISA=avx512|avx2|
 // baseline forces one, for testing). Different paths may differ in the last bits (FMA contraction);
