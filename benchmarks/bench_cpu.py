@@ -7,10 +7,13 @@ One run prints a table and writes docs/bench_cpu.json and docs/bench_cpu.png:
   * the machine's float32 matrix-multiply rate, measured in the same run (NumPy `a @ b` at 2048, same
     thread count), both as NumPy ships and with OpenBLAS told the real core type (see `sgemm_rate`);
   * float16/bfloat16 vs float32, T2 = 4096 vs 65536 with the same selection, sweeps over G, D and C*beta;
+  * the small-group sweep (issue 15): G = 1..32 at T1 = T2 = 4096 with random and NSA-like selections,
+    forward+backward as % of the sgemm rate, the kernels' per-call strategy choice side by side with
+    the per-item kernels forced (what every call ran before the block strategy existed);
   * peak resident memory of a process that runs only the op, against the bytes of its inputs and outputs.
 Measurements that are compared are interleaved (A, B, A, B, ...) so machine noise hits both alike.
 
-    python benchmarks/bench_cpu.py [--quick] [--threads 2] [--out-dir docs]
+    python benchmarks/bench_cpu.py [--quick] [--group-sweep] [--threads 2] [--out-dir docs]
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ ROOT = os.path.dirname(HERE)
 # The issue's reference problem: T1=1024, T2=4096, N1=16, N2=1, D=192, Dv=128, beta=64, C=16.
 MAIN = dict(t1=1024, t2=4096, n1=16, n2=1, d=192, dv=128, beta=64, count=16, dtype="float32")
 QUICK = dict(t1=64, t2=512, n1=4, n2=1, d=64, dv=32, beta=32, count=4, dtype="float32")
+# The small-group sweep (issue 15): N1 = 16 query heads (32 for G = 32), N2 = N1 / G.
+GROUP_SWEEP = dict(t1=4096, t2=4096, d=192, dv=128, beta=64, count=16, dtype="float32")
+GROUP_SWEEP_QUICK = dict(t1=128, t2=128, d=32, dv=16, beta=16, count=4, dtype="float32")
+GROUPS, GROUPS_QUICK = (1, 2, 4, 8, 16, 32), (1, 4)
 
 
 def flops(shape, part):
@@ -90,6 +97,30 @@ def sgemm_rate(threads, size, reps, coretype=None):
 # ----------------------------------------------------------------------------------------------------
 # Problems and the timed callables (MindSpore is imported lazily so --help stays fast).
 
+def nsa_like_selection(t1, n2, beta, blocks, count):
+    """topk [T1, N2, C] the way NativeSparseAttention's selection looks (docs/training.md) for T1 = T2:
+    the first block, the query's own block, then the nearest past blocks; rows with fewer than C
+    such blocks take the next future ones, which the causal mask (sparse_mode 2) hides."""
+    import numpy as np
+    topk = np.zeros((t1, n2, count), np.int32)
+    for own in range(blocks):
+        chosen = dict.fromkeys([0, *range(own, 0, -1), *range(own + 1, blocks)])
+        topk[own * beta:(own + 1) * beta] = np.array(list(chosen)[:count], np.int32)
+    return topk
+
+
+def visible_keys(shape, topk):
+    """(query row, KV head, key) triples the mask lets through, times the group: the keys each query
+    head really attends to (all C*beta of them without the causal mask)."""
+    import numpy as np
+    g = shape["n1"] // shape["n2"]
+    if not shape.get("sparse_mode"):
+        return shape["t1"] * shape["n1"] * shape["count"] * shape["beta"]
+    position = np.arange(shape["t1"])[:, None, None]
+    visible = np.clip(position - topk.astype(np.int64) * shape["beta"] + 1, 0, shape["beta"])
+    return int(visible.sum()) * g
+
+
 def make_problem(shape, seed=0, t2_override=None):
     import numpy as np
     import mindspore as ms
@@ -102,7 +133,10 @@ def make_problem(shape, seed=0, t2_override=None):
     dtype = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[shape["dtype"]]
     # The selection only ever names blocks of the first shape["t2"] keys, so a longer T2 keeps it.
     blocks = shape["t2"] // beta
-    topk = np.stack([rng.permutation(blocks)[:count] for _ in range(t1 * n2)]).reshape(t1, n2, count)
+    if shape.get("selection") == "nsa":
+        topk = nsa_like_selection(t1, n2, beta, blocks, count)
+    else:
+        topk = np.stack([rng.permutation(blocks)[:count] for _ in range(t1 * n2)]).reshape(t1, n2, count)
     arrays = dict(
         query=rng.standard_normal((t1, n1, d), dtype=np.float32),
         key=rng.standard_normal((t2, n2, d), dtype=np.float32),
@@ -110,6 +144,7 @@ def make_problem(shape, seed=0, t2_override=None):
         grad=rng.standard_normal((t1, n1, dv), dtype=np.float32))
     tensors = {name: Tensor(a).astype(dtype) for name, a in arrays.items()}
     tensors["topk"] = Tensor(topk.astype(np.int32))
+    tensors["topk_numpy"] = topk
     return tensors
 
 
@@ -119,18 +154,20 @@ def nsa_cells(shape):
     import ms_nsa
 
     attrs = (shape["d"] ** -0.5, shape["n1"], shape["beta"], shape["count"])
+    mode = shape.get("sparse_mode", 0)
 
     class Forward(nn.Cell):
         def construct(self, query, key, value, topk):
-            return ms_nsa.nsa_select_attention(query, key, value, topk, *attrs)
+            return ms_nsa.nsa_select_attention(query, key, value, topk, *attrs, sparse_mode=mode)
 
     class Backward(nn.Cell):
         def construct(self, grad, query, key, value, out, smax, ssum, topk):
-            return ms_nsa.nsa_select_attention_grad(grad, query, key, value, out, smax, ssum, topk, *attrs)
+            return ms_nsa.nsa_select_attention_grad(grad, query, key, value, out, smax, ssum, topk, *attrs,
+                                                    sparse_mode=mode)
 
     class Loss(nn.Cell):
         def construct(self, query, key, value, topk, grad):
-            out = ms_nsa.nsa_select_attention(query, key, value, topk, *attrs)[0]
+            out = ms_nsa.nsa_select_attention(query, key, value, topk, *attrs, sparse_mode=mode)[0]
             return (out.astype(ms.float32) * grad.astype(ms.float32)).sum()
 
     return Forward(), Backward(), GradGraph(Loss())
@@ -273,6 +310,63 @@ def kernel_isa():
     return lib.ms_nsa_kernel_isa().decode()
 
 
+def group_sweep(args, quick, sgemm_samples, sgemm_both):
+    """fwd+bwd at each G and selection: the per-call strategy choice and the per-item kernels forced,
+    interleaved (A, B, A, B, ...) in this process, so machine noise hits both alike."""
+    import numpy as np
+    from ms_nsa import _cpu_kernels
+
+    base, groups = (GROUP_SWEEP_QUICK, GROUPS_QUICK) if quick else (GROUP_SWEEP, GROUPS)
+    runs = args.runs or (1 if quick else 3)
+    per_key = 2 * base["d"] + 2 * base["dv"] + 6 * base["d"] + 4 * base["dv"]
+    points = []
+    for group in groups:
+        n1 = max(16, group) if not quick else 4 * group
+        for selection, mode in (("random", 0), ("nsa", 2)):
+            shape = dict(base, n1=n1, n2=n1 // group, selection=selection, sparse_mode=mode)
+            tensors = make_problem(shape)
+            _, _, fwd_bwd = nsa_cells(shape)
+            q, k, v, topk, g = (tensors[n] for n in ("query", "key", "value", "topk", "grad"))
+            gflop = visible_keys(shape, tensors["topk_numpy"]) * per_key / 1e9
+
+            def forced(strategy):
+                def run():
+                    _cpu_kernels._force_strategy(strategy)
+                    return fwd_bwd(q, k, v, topk, g)
+                return run
+
+            timers = {name: Timed(f"G={group} {selection} {name}", forced(name)) for name in ("auto", "items")}
+            interleave(list(timers.values()), runs)
+            _cpu_kernels._force_strategy("auto")
+            points.append({"group": group, "n1": n1, "n2": n1 // group, "selection": selection,
+                           "sparse_mode": mode, "gflop": gflop,
+                           **{name: {"seconds": t.median, "samples": t.times, "gflops": gflop / t.median}
+                              for name, t in timers.items()}})
+            print(f"[bench] G={group} {selection}: auto {timers['auto'].median * 1e3:.0f} ms, items "
+                  f"{timers['items'].median * 1e3:.0f} ms", flush=True)
+            del q, k, v, topk, g, tensors
+        if group == groups[len(groups) // 2]:
+            sgemm_samples.append(sgemm_both())
+    return {"shape": base, "points": points}
+
+
+def print_group_sweep(sweep, sgemm):
+    ceiling = sgemm.get("numpy_native_kernels", sgemm["numpy_default"])
+    b = sweep["shape"]
+    print(f"small-group sweep: T1=T2={b['t1']} D={b['d']} Dv={b['dv']} beta={b['beta']} C={b['count']} "
+          f"{b['dtype']}, fwd+bwd, % of the sgemm rate of this run ({ceiling:.1f} GFLOP/s)")
+    print("  random: sparse_mode 0, C distinct random blocks per row; nsa: sparse_mode 2, first + own + "
+          "nearest past blocks (GFLOP counted over the keys the mask lets through)")
+    print("  auto: the strategy each call picks; items: the per-item kernels forced (the only ones before)")
+    print(f"{'G':>4s}{'N1':>4s}{'N2':>4s} {'selection':10s}{'auto ms':>10s}{'% sgemm':>9s}"
+          f"{'items ms':>10s}{'% sgemm':>9s}{'speed-up':>10s}")
+    for pt in sweep["points"]:
+        auto, items = pt["auto"], pt["items"]
+        print(f"{pt['group']:4d}{pt['n1']:4d}{pt['n2']:4d} {pt['selection']:10s}{auto['seconds'] * 1e3:10.1f}"
+              f"{100 * auto['gflops'] / ceiling:8.0f}%{items['seconds'] * 1e3:10.1f}"
+              f"{100 * items['gflops'] / ceiling:8.0f}%{items['seconds'] / auto['seconds']:9.2f}x")
+
+
 def describe(shape):
     g = shape["n1"] // shape["n2"]
     return (f"T1={shape['t1']} T2={shape['t2']} N1={shape['n1']} N2={shape['n2']} G={g} D={shape['d']} "
@@ -287,6 +381,8 @@ def main():
     parser.add_argument("--runs", type=int, default=None, help="timed runs per measurement")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--group-sweep", action="store_true",
+                        help="run only the small-group sweep (G = 1..32 at T = 4096) and the sgemm rate")
     parser.add_argument("--memory-probe", choices=("nsa", "composed"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,6 +410,21 @@ def main():
         if coretype:
             rates["numpy_native_kernels"] = sgemm_rate(args.threads, sgemm_size, sgemm_reps, coretype)
         return rates
+
+    if args.group_sweep:
+        samples = [sgemm_both()]
+        sweep = group_sweep(args, quick, samples, sgemm_both)
+        samples.append(sgemm_both())
+        sgemm = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+        print(f"\nms_nsa CPU benchmark, {args.threads} threads, GRAPH_MODE, median times, {kernel_isa()} kernels")
+        print(f"sgemm 2048 (NumPy a @ b): samples " + ", ".join(
+            "/".join(f"{v:.0f}" for v in s.values()) for s in samples) + " GFLOP/s (as shipped/native)")
+        print_group_sweep(sweep, sgemm)
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, f"bench_cpu_groups{'_quick' if quick else ''}.json"), "w") as f:
+            json.dump({"sgemm_gflops": sgemm, "sgemm_samples": samples, "threads": args.threads,
+                       "kernel_isa": kernel_isa(), "group_sweep": sweep}, f, indent=1)
+        return
 
     print(f"[bench] {describe(main_shape)}, {args.threads} threads, {runs} timed runs each, "
           f"kernels: {kernel_isa()}", flush=True)
@@ -373,10 +484,13 @@ def main():
                                 "gflops": flops(shape, part) / timers[part].median} for part in timers}})
     sgemm_samples.append(sgemm_both())
     print(f"[bench] sweeps done ({time.time() - started:.0f} s)", flush=True)
+    groups = group_sweep(args, quick, sgemm_samples, sgemm_both)
+    print(f"[bench] small-group sweep done ({time.time() - started:.0f} s)", flush=True)
 
     sgemm = {key: statistics.median(s[key] for s in sgemm_samples) for key in sgemm_samples[0]}
     result = build_result(args, main_shape, nsa_main, stock, variants, long_t2, sweep, sgemm, sgemm_samples,
                           memory, coretype, time.time() - started)
+    result["group_sweep"] = groups
     print_report(result)
     os.makedirs(args.out_dir, exist_ok=True)
     suffix = "_quick" if quick else ""
@@ -450,6 +564,8 @@ def print_report(r):
         grow = (m["peak_rss"] - m["rss_before"]) / 2 ** 20
         print(f"memory {impl:6s}: peak RSS {m['peak_rss'] / 2 ** 20:.0f} MiB, +{grow:.0f} MiB while "
               f"running fwd+bwd; inputs+outputs {m['io_bytes'] / 2 ** 20:.0f} MiB")
+    print()
+    print_group_sweep(r["group_sweep"], sg)
     print()
     print("targets:")
     for name, value in r["targets"].items():

@@ -11,6 +11,10 @@
 // contributions in (query row, slot) order. Each dk/dv element is therefore summed in increasing
 // query-row order whatever the thread count, scheduling or tile size.
 //
+// Small groups: a second strategy (nsa_block_kernels.h) turns the loops around, KV blocks outside and
+// the query rows of a tile that selected them inside, so each loaded block feeds real matrix
+// products. choose_strategy() below picks one per call; both are deterministic in the same sense.
+//
 // Instruction sets: the kernels are compiled three times, for AVX-512, for AVX2+FMA and for the
 // x86-64 baseline, and the best one the CPU supports is picked at run time (MS_NSA_ISA=avx512|avx2|
 // baseline forces one, for testing). Different paths may differ in the last bits (FMA contraction);
@@ -18,8 +22,12 @@
 #include "nsa_core.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "nsa_block_kernels.h"
 #include "nsa_dtype.h"
 #include "nsa_geometry.h"
 #include "nsa_isa.h"
@@ -98,6 +106,45 @@ const Kernels &kernels_for(int64_t group) {
   }
 }
 
+// The block-outer strategy's entry points (nsa_block_kernels.h): one set per instruction set, with the
+// wide vector width of that set.
+struct BlockKernels {
+  void (*forward_block)(const ForwardArgs &, const TileView &, const BlockUse *, int64_t, const BlockScratch &);
+  void (*forward_finish)(const ForwardArgs &, const TileView &, int64_t item, float *acc);
+  void (*backward_block)(const BackwardArgs &, const TileView &, const BlockUse *, int64_t, const BlockScratch &);
+  void (*backward_finish)(const BackwardArgs &, const TileView &, int64_t item, float *acc);
+};
+
+#define MS_NSA_BLOCK_ENTRY_POINTS(NAME, TARGET, W)                                                          \
+  TARGET void forward_block_##NAME(const ForwardArgs &f, const TileView &tile, const BlockUse *uses,        \
+                                   int64_t use_count, const BlockScratch &s) {                              \
+    block_forward<W>(f, tile, uses, use_count, s);                                                          \
+  }                                                                                                         \
+  TARGET void forward_finish_##NAME(const ForwardArgs &f, const TileView &tile, int64_t item, float *acc) {  \
+    item_forward_finish<W>(f, tile, item, acc);                                                             \
+  }                                                                                                         \
+  TARGET void backward_block_##NAME(const BackwardArgs &b, const TileView &tile, const BlockUse *uses,      \
+                                    int64_t use_count, const BlockScratch &s) {                             \
+    block_backward<W>(b, tile, uses, use_count, s);                                                         \
+  }                                                                                                         \
+  TARGET void backward_finish_##NAME(const BackwardArgs &b, const TileView &tile, int64_t item, float *acc) { \
+    item_backward_finish<W>(b, tile, item, acc);                                                            \
+  }                                                                                                         \
+  constexpr BlockKernels kBlockKernels_##NAME = {forward_block_##NAME, forward_finish_##NAME,               \
+                                                 backward_block_##NAME, backward_finish_##NAME};
+
+MS_NSA_BLOCK_ENTRY_POINTS(avx512, MS_NSA_TARGET_AVX512, 16)
+MS_NSA_BLOCK_ENTRY_POINTS(avx2, MS_NSA_TARGET_AVX2, 8)
+MS_NSA_BLOCK_ENTRY_POINTS(baseline, MS_NSA_TARGET_BASELINE, 4)
+
+const BlockKernels &block_kernels() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return kBlockKernels_avx512;
+    case Isa::kAvx2: return kBlockKernels_avx2;
+    default: return kBlockKernels_baseline;
+  }
+}
+
 // Per-thread scratch of the kernels: O(G * (C*beta + D + Dv) + (beta + kUseRows) * (D + Dv)) floats.
 class ThreadScratch {
  public:
@@ -111,43 +158,6 @@ class ThreadScratch {
   std::vector<Segment> segments_;
   Scratch scratch_;
 };
-
-}  // namespace
-
-void nsa_set_num_threads(int num_threads) { g_num_threads = num_threads; }
-int nsa_get_num_threads() { return active_threads(); }
-
-const char *nsa_kernel_isa() {
-  switch (active_isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
-}
-
-NsaError nsa_forward(const NsaProblem &p, const void *query, const void *key, const void *value,
-                     const int32_t *topk_indices, float *softmax_max, float *softmax_sum,
-                     void *attention_out) {
-  NsaError err = nsa_validate(p, topk_indices);
-  if (err.status != kOk) return err;
-
-  const int64_t group = p.q_heads / p.kv_heads, items = p.q_tokens * p.kv_heads;
-  const Kernels &kernels = kernels_for(group);
-  const int64_t gp = padded_group(group, kernels.score_lanes);
-  const ForwardArgs args{&p, query, key, value, topk_indices, softmax_max, softmax_sum, attention_out};
-
-#pragma omp parallel num_threads(active_threads())
-  {
-    const ThreadScratch scratch(p, gp);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t item = 0; item < items; ++item) {
-      kernels.forward(args, item / p.kv_heads, item % p.kv_heads, scratch.get());
-    }
-  }
-  return {};
-}
-
-namespace {
 
 bool same_block(const BlockUse &a, const BlockUse &b) {
   return a.kv_head == b.kv_head && a.block_row == b.block_row;
@@ -178,36 +188,162 @@ void collect_block_uses(const NsaProblem &p, const int32_t *topk_indices, int64_
   block_starts->push_back(static_cast<int64_t>(uses->size()));
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------------------
+// Strategy: per (query row, KV head) item (nsa_kernels.h) or per KV block of a tile of query rows
+// (nsa_block_kernels.h). Chosen once per call, here and only here.
 
-NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, const void *value,
-                      const void *attention_out, const void *grad, const float *softmax_max,
-                      const float *softmax_sum, const int32_t *topk_indices, void *dq, void *dk,
-                      void *dv) {
-  NsaError err = nsa_validate(p, topk_indices);
-  if (err.status != kOk) return err;
+enum class Strategy : int { kAuto = 0, kItems = 1, kBlocks = 2 };
 
-  const int64_t group = p.q_heads / p.kv_heads, N2 = p.kv_heads;
-  const int64_t span = p.select_block_count * p.select_block_size, D = p.qk_head_dim, Dv = p.v_head_dim;
+// -1: not read yet from MS_NSA_STRATEGY (items|blocks); tests and the benchmark set it directly.
+std::atomic<int> g_forced_strategy{-1};
+
+Strategy forced_strategy() {
+  int forced = g_forced_strategy.load();
+  if (forced < 0) {
+    const char *env = std::getenv("MS_NSA_STRATEGY");
+    forced = env && std::strcmp(env, "items") == 0   ? static_cast<int>(Strategy::kItems)
+             : env && std::strcmp(env, "blocks") == 0 ? static_cast<int>(Strategy::kBlocks)
+                                                      : static_cast<int>(Strategy::kAuto);
+    g_forced_strategy.store(forced);
+  }
+  return static_cast<Strategy>(forced);
+}
+
+// Query rows per tile of the block strategy: its per-(item, slot) buffers take about 16 MiB (half of
+// that gave the block uses of local selections 10 % less reuse).
+int64_t block_tile_rows(const NsaProblem &p) {
+  constexpr int64_t kTileFloats = int64_t{1} << 22;
+  const int64_t per_row = p.q_heads * p.select_block_count *
+                          std::max(p.qk_head_dim, p.v_head_dim + 2);
+  return std::clamp<int64_t>(kTileFloats / per_row, 1, std::max<int64_t>(1, p.q_tokens));
+}
+
+// Mean uses per selected KV block in one tile of query rows from the middle of the problem: the
+// factor by which the block strategy multiplies the reuse of a loaded block (the per-item strategy
+// reuses it G times, the block strategy G times this).
+double block_reuse(const NsaProblem &p, const int32_t *topk_indices) {
+  const int64_t rows = std::min(block_tile_rows(p), p.q_tokens);
+  const int64_t begin = std::min(p.q_tokens / 2, p.q_tokens - rows);
+  std::vector<BlockUse> uses;
+  std::vector<int64_t> block_starts;
+  collect_block_uses(p, topk_indices, begin, rows, &uses, &block_starts);
+  return uses.empty() ? 0.0 : static_cast<double>(uses.size()) / static_cast<double>(block_starts.size() - 1);
+}
+
+// The block strategy pays for gathering rows and for per-(item, slot) partial results; it wins when
+// a block's uses in a tile times G clearly exceeds G alone. Measured at T = 4096, D = 192, C = 16 on
+// AVX-512 (docs/performance.md, small-group sweep): 3-5x at G = 1, 2 and 1.2-1.6x at G = 4 with random
+// selections (~21 uses per block and tile) and local ones (~75); at G = 8 local selections win a
+// little and random ones went from 0.7x (8 MiB tiles, ~10 uses) to 1.4x (16 MiB tiles, ~21 uses);
+// at G = 16 the block forward loses, the block backward does not.
+enum class Pass { kForward, kBackward };
+
+Strategy choose_strategy(const NsaProblem &p, const int32_t *topk_indices, Pass pass) {
+  const Strategy forced = forced_strategy();
+  if (forced != Strategy::kAuto) return forced;
+  const int64_t group = p.q_heads / p.kv_heads, largest_local_group = pass == Pass::kForward ? 8 : 16;
+  if (group > largest_local_group) return Strategy::kItems;
+  const double reuse = block_reuse(p, topk_indices);
+  return reuse >= (group <= 4 ? 4.0 : 20.0) ? Strategy::kBlocks : Strategy::kItems;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The two forwards.
+
+void forward_by_items(const NsaProblem &p, const ForwardArgs &args) {
+  const int64_t group = p.q_heads / p.kv_heads, items = p.q_tokens * p.kv_heads;
   const Kernels &kernels = kernels_for(group);
   const int64_t gp = padded_group(group, kernels.score_lanes);
-
-  // dk/dv accumulate in float32: straight into the outputs for float32, else into a workspace the
-  // size of key/value (it grows with T2, never with T1 * C * beta).
-  const bool direct = p.dtype == DType::kFloat32;
-  std::vector<float> dk_work, dv_work;
-  float *dk_acc = static_cast<float *>(dk), *dv_acc = static_cast<float *>(dv);
-  if (!direct) {
-    dk_work.assign(p.kv_tokens * N2 * D, 0.0f);
-    dv_work.assign(p.kv_tokens * N2 * Dv, 0.0f);
-    dk_acc = dk_work.data();
-    dv_acc = dv_work.data();
-  } else {
-    std::fill_n(dk_acc, p.kv_tokens * N2 * D, 0.0f);
-    std::fill_n(dv_acc, p.kv_tokens * N2 * Dv, 0.0f);
+#pragma omp parallel num_threads(active_threads())
+  {
+    const ThreadScratch scratch(p, gp);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t item = 0; item < items; ++item) {
+      kernels.forward(args, item / p.kv_heads, item % p.kv_heads, scratch.get());
+    }
   }
-  const BackwardArgs args{&p, query, key, value, attention_out, grad, softmax_max, softmax_sum, topk_indices,
-                          dq, dk_acc, dv_acc};
+}
+
+// Per-thread scratch of the block strategy, plus one item's output rows.
+class BlockThreadScratch {
+ public:
+  explicit BlockThreadScratch(const NsaProblem &p)
+      : storage_(block_scratch_floats(p) + p.q_heads / p.kv_heads * std::max(p.qk_head_dim, p.v_head_dim)),
+        scratch_(carve_block_scratch(p, storage_.data())), acc_(storage_.data() + block_scratch_floats(p)) {}
+  const BlockScratch &get() const { return scratch_; }
+  float *acc() const { return acc_; }
+
+ private:
+  std::vector<float> storage_;
+  BlockScratch scratch_;
+  float *acc_;
+};
+
+// One tile's uses, grouped by KV block (collect_block_uses).
+struct TileUses {
+  std::vector<BlockUse> uses;
+  std::vector<int64_t> block_starts;
+  int64_t blocks() const { return static_cast<int64_t>(block_starts.size()) - 1; }
+  const BlockUse *of(int64_t blk) const { return uses.data() + block_starts[blk]; }
+  int64_t count(int64_t blk) const { return block_starts[blk + 1] - block_starts[blk]; }
+};
+
+// The block strategy's per-(item, slot) tile buffers, kept by the calling thread between calls: a fresh
+// allocation of this size per call costs its page faults every time (~10 % of a short call).
+float *tile_workspace(size_t floats) {
+  thread_local std::vector<float> workspace;
+  if (workspace.size() < floats) workspace.resize(floats);
+  return workspace.data();
+}
+
+// Runs step A (per KV block of the tile) and step D (per item of the tile) of the block strategy over
+// all tiles; `tile` is shared, its begin updated here.
+template <class BlockStep, class ItemStep>
+void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, BlockStep block_step,
+                     ItemStep item_step) {
+  const int64_t tile_rows = block_tile_rows(p);
+  TileUses tile_uses;
+#pragma omp parallel num_threads(active_threads())
+  {
+    const BlockThreadScratch scratch(p);
+    for (int64_t tile_begin = 0; tile_begin < p.q_tokens; tile_begin += tile_rows) {
+      const int64_t items = std::min(tile_rows, p.q_tokens - tile_begin) * p.kv_heads;
+#pragma omp single
+      {
+        tile->tile_begin = tile_begin;
+        collect_block_uses(p, topk, tile_begin, items / p.kv_heads, &tile_uses.uses, &tile_uses.block_starts);
+      }  // (implicit barriers after each step)
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t blk = 0; blk < tile_uses.blocks(); ++blk) {
+        block_step(*tile, tile_uses.of(blk), tile_uses.count(blk), scratch.get());
+      }
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t item = 0; item < items; ++item) item_step(*tile, item, scratch.acc());
+    }
+  }
+}
+
+void forward_by_blocks(const NsaProblem &p, const ForwardArgs &args) {
+  const BlockKernels &kernels = block_kernels();
+  const int64_t slots = block_tile_rows(p) * p.q_heads * p.select_block_count;
+  float *workspace = tile_workspace(slots * (p.v_head_dim + 2));
+  TileView tile{0, workspace, workspace + slots * p.v_head_dim};
+  run_block_tiles(
+      p, args.topk, &tile,
+      [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {
+        kernels.forward_block(args, t, uses, count, s);
+      },
+      [&](const TileView &t, int64_t item, float *acc) { kernels.forward_finish(args, t, item, acc); });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The two backwards (dk/dv already zeroed, in float32).
+
+void backward_by_items(const NsaProblem &p, const BackwardArgs &args) {
+  const int64_t group = p.q_heads / p.kv_heads, N2 = p.kv_heads;
+  const int64_t span = p.select_block_count * p.select_block_size;
+  const Kernels &kernels = kernels_for(group);
+  const int64_t gp = padded_group(group, kernels.score_lanes);
 
   // Tile height: P^T and dS^T of a tile take about 2 x 4 MiB whatever the problem size.
   constexpr int64_t kTileFloats = int64_t{1} << 20;
@@ -220,7 +356,7 @@ NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, c
 
   for (int64_t tile_begin = 0; tile_begin < p.q_tokens; tile_begin += tile_rows) {
     const int64_t rows = std::min(tile_rows, p.q_tokens - tile_begin);
-    collect_block_uses(p, topk_indices, tile_begin, rows, &uses, &block_starts);
+    collect_block_uses(p, args.topk, tile_begin, rows, &uses, &block_starts);
     const int64_t block_count = static_cast<int64_t>(block_starts.size()) - 1;
 
 #pragma omp parallel num_threads(threads)
@@ -240,9 +376,80 @@ NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, c
       }
     }
   }
+}
+
+void backward_by_blocks(const NsaProblem &p, const BackwardArgs &args) {
+  const BlockKernels &kernels = block_kernels();
+  const int64_t slots = block_tile_rows(p) * p.q_heads * p.select_block_count;
+  TileView tile{0, tile_workspace(slots * p.qk_head_dim), nullptr};
+  run_block_tiles(
+      p, args.topk, &tile,
+      [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {
+        kernels.backward_block(args, t, uses, count, s);
+      },
+      [&](const TileView &t, int64_t item, float *acc) { kernels.backward_finish(args, t, item, acc); });
+}
+
+}  // namespace
+
+void nsa_set_num_threads(int num_threads) { g_num_threads = num_threads; }
+int nsa_get_num_threads() { return active_threads(); }
+
+const char *nsa_kernel_isa() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+NsaError nsa_forward(const NsaProblem &p, const void *query, const void *key, const void *value,
+                     const int32_t *topk_indices, float *softmax_max, float *softmax_sum,
+                     void *attention_out) {
+  NsaError err = nsa_validate(p, topk_indices);
+  if (err.status != kOk) return err;
+  const ForwardArgs args{&p, query, key, value, topk_indices, softmax_max, softmax_sum, attention_out};
+  if (choose_strategy(p, topk_indices, Pass::kForward) == Strategy::kBlocks) {
+    forward_by_blocks(p, args);
+  } else {
+    forward_by_items(p, args);
+  }
+  return {};
+}
+
+NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, const void *value,
+                      const void *attention_out, const void *grad, const float *softmax_max,
+                      const float *softmax_sum, const int32_t *topk_indices, void *dq, void *dk,
+                      void *dv) {
+  NsaError err = nsa_validate(p, topk_indices);
+  if (err.status != kOk) return err;
+
+  const int64_t group = p.q_heads / p.kv_heads, N2 = p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
+  // dk/dv accumulate in float32: straight into the outputs for float32, else into a workspace the
+  // size of key/value (it grows with T2, never with T1 * C * beta).
+  const bool direct = p.dtype == DType::kFloat32;
+  std::vector<float> dk_work, dv_work;
+  float *dk_acc = static_cast<float *>(dk), *dv_acc = static_cast<float *>(dv);
+  if (!direct) {
+    dk_work.assign(p.kv_tokens * N2 * D, 0.0f);
+    dv_work.assign(p.kv_tokens * N2 * Dv, 0.0f);
+    dk_acc = dk_work.data();
+    dv_acc = dv_work.data();
+  } else {
+    std::fill_n(dk_acc, p.kv_tokens * N2 * D, 0.0f);
+    std::fill_n(dv_acc, p.kv_tokens * N2 * Dv, 0.0f);
+  }
+  const BackwardArgs args{&p, query, key, value, attention_out, grad, softmax_max, softmax_sum, topk_indices,
+                          dq, dk_acc, dv_acc};
+  if (choose_strategy(p, topk_indices, Pass::kBackward) == Strategy::kBlocks) {
+    backward_by_blocks(p, args);
+  } else {
+    backward_by_items(p, args);
+  }
 
   if (!direct) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+    const Kernels &kernels = kernels_for(group);
+#pragma omp parallel for num_threads(active_threads()) schedule(static)
     for (int64_t row = 0; row < p.kv_tokens; ++row) {
       kernels.store(p.dtype, dk_acc + row * N2 * D, dk, row * N2 * D, N2 * D);
       kernels.store(p.dtype, dv_acc + row * N2 * Dv, dv, row * N2 * Dv, N2 * Dv);
@@ -255,3 +462,11 @@ NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, c
 
 // For the benchmark (ctypes): which kernels this machine runs.
 extern "C" const char *ms_nsa_kernel_isa() { return ms_nsa::nsa_kernel_isa(); }
+
+// For the tests and the benchmark (ctypes), not part of the API: force a strategy (0 = choose per call,
+// 1 = per item, 2 = per KV block); returns the previous setting.
+extern "C" int ms_nsa_force_strategy(int strategy) {
+  const int previous = static_cast<int>(ms_nsa::forced_strategy());
+  ms_nsa::g_forced_strategy.store(strategy >= 0 && strategy <= 2 ? strategy : 0);
+  return previous;
+}

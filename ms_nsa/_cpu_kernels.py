@@ -39,6 +39,8 @@ def _library() -> ctypes.CDLL:
     lib.ms_nsa_get_num_threads.restype = ctypes.c_int
     lib.ms_nsa_set_num_threads.argtypes = [ctypes.c_int]
     lib.ms_nsa_validate.restype = ctypes.c_int
+    lib.ms_nsa_force_strategy.argtypes = [ctypes.c_int]
+    lib.ms_nsa_force_strategy.restype = ctypes.c_int
     return lib
 
 
@@ -66,6 +68,18 @@ def validate_data(function: str, sizes, cu_seqlens_q, cu_seqlens_kv, select_bloc
                                  ctypes.c_int64(select_block_count), ctypes.c_int(int(causal)), pointers[3])
     if status:
         raise _errors.kernel_exception(function, status, lib.ms_nsa_last_error_message().decode())
+
+
+_STRATEGIES = {"auto": 0, "items": 1, "blocks": 2}
+
+
+def _force_strategy(name: str) -> str:
+    """For tests and the benchmark, not part of the API: make every call use the per-item ("items") or
+    the block-outer ("blocks") kernels, or let each call choose ("auto"). Returns the previous setting."""
+    if name not in _STRATEGIES:
+        raise ValueError(f"_force_strategy: name must be one of {sorted(_STRATEGIES)}, got {name!r}")
+    previous = _library().ms_nsa_force_strategy(_STRATEGIES[name])
+    return {v: k for k, v in _STRATEGIES.items()}[previous]
 
 
 def kernel_inputs(op_def: OpDef) -> List[str]:

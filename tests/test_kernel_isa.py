@@ -3,7 +3,8 @@
 The library picks its best instruction set at load time (custom_aot/nsa_core.cc); MS_NSA_ISA forces
 a lesser one. Each path runs in a child process on a varlen, causal, GQA case with duplicates, a
 partially visible diagonal block and a width that is not a multiple of the vector: forward and
-backward against the float64 reference, and the same bits for 1 and 3 threads.
+backward against the float64 reference, and the same bits for 1 and 3 threads, with each of the two
+kernel strategies (per item, per KV block) forced in turn.
 """
 import json
 import os
@@ -22,6 +23,7 @@ import numpy as np
 import mindspore as ms
 ms.set_device("CPU")
 import ms_nsa
+from ms_nsa import _cpu_kernels
 from cases import Case, rel_error, to_numpy
 
 def run(case):
@@ -32,7 +34,8 @@ def run(case):
     return outs, grads
 
 errors, same_bits = {}, True
-for dtype in ("float32", "float16", "bfloat16"):
+for strategy, dtype in ((s, d) for s in ("items", "blocks") for d in ("float32", "float16", "bfloat16")):
+    _cpu_kernels._force_strategy(strategy)
     for group, head_dim in ((3, 40), (12, 72)):
         case = Case(q_lens=(37, 20), kv_blocks=(5, 3), q_heads=2 * group, kv_heads=2, head_dim=head_dim,
                     v_head_dim=24, select_block_size=16, select_block_count=3, sparse_mode=2, dtype=dtype,
@@ -45,7 +48,7 @@ for dtype in ("float32", "float16", "bfloat16"):
         ref_grads = ms_nsa.reference.backward(d["d_out"], d["q"], d["k"], d["v"], to_numpy(out), to_numpy(smax),
                                               to_numpy(ssum), d["topk"], *case.attrs, sparse_mode=2,
                                               **case.lengths())
-        key = f"{dtype}/G{group}/D{head_dim}"
+        key = f"{dtype}/{strategy}/G{group}/D{head_dim}"
         errors[key] = [rel_error(to_numpy(out), ref_out)] + [
             rel_error(to_numpy(g), r) for g, r in zip(grads, ref_grads)]
         ms_nsa.set_num_threads(3)

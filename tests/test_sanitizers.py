@@ -38,9 +38,11 @@ def driver(request, tmp_path_factory):
     return binary
 
 
+@pytest.mark.parametrize("strategy", ["items", "blocks"])
 @pytest.mark.parametrize("threads", ["1", "2"])
-def test_kernels_are_clean_under_asan_and_ubsan(driver, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=threads,
+def test_kernels_are_clean_under_asan_and_ubsan(driver, threads, strategy):
+    # MS_NSA_STRATEGY forces the per-item or the block-outer kernels (custom_aot/nsa_core.cc) for every call.
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MS_NSA_STRATEGY=strategy,
                ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     result = subprocess.run([str(driver)], capture_output=True, text=True, timeout=600, env=env)

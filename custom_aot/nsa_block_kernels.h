@@ -1,0 +1,376 @@
+// The block-outer ("inverted") strategy for small GQA groups, after Flash Sparse Attention
+// (arXiv 2508.18224): KV blocks outside, the (query row, head) pairs that selected them inside.
+//
+// The per-item strategy (nsa_kernels.h) reuses a loaded K/V block across the G heads of one query
+// row only: at G = 1 a score product is a matrix-vector product and the kernels run at memory speed.
+// Here a tile of query rows is taken at once; for each KV block the G query rows of every use of it
+// ((query row, slot) pairs of the tile that selected it) are gathered into one matrix, and the
+// block's products are real matrix products with M = uses * G rows (nsa_gemm.h, 4 x 4 vector tiles).
+//
+// The softmax couples a row's C blocks, so nothing is accumulated across blocks in place:
+//   forward   A. per block: for each use, S = scale * Q K^T, the block's part of the softmax (its
+//                max m_s, P_s = exp(S - m_s), its sum l_s) and the partial output P_s V, into
+//                per-(item, slot) buffers (item = one query row and KV head)
+//             D. per item: m = max_s m_s, l = sum_s l_s e^(m_s - m), O = sum_s e^(m_s - m) P_s V / l,
+//                the slots in slot order
+//   backward  A. per block (max and sum known from the forward): S, dP = dO V^T, P, dS; the block's
+//                owner adds dV += P^T dO and dK += dS^T Q over its uses in (query row, slot) order,
+//                and writes each use's partial dQ = dS K into a per-(item, slot) buffer
+//             D. per item: dQ = sum over slots, in slot order, of the partial dQ
+// Every output element is therefore a fixed sequence of operations: no atomics, the same bits for
+// any thread count, tile schedule or chunk size. The two strategies differ in the last bits (the
+// softmax sums run in a different order).
+#ifndef MS_NSA_NSA_BLOCK_KERNELS_H_
+#define MS_NSA_NSA_BLOCK_KERNELS_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+
+#include "nsa_kernels.h"
+
+namespace ms_nsa {
+
+// (query row, head) pairs one chunk of block uses gathers: the M of the block's products.
+// M below is this rounded up to 16.
+constexpr int64_t kChunkPairs = 128;
+
+inline int64_t chunk_uses(int64_t group) { return std::max<int64_t>(1, kChunkPairs / group); }
+inline int64_t chunk_pairs(int64_t group) { return chunk_uses(group) * group; }
+
+// Row stride of the chunk's score rows and of the transposed K/V blocks: beta rounded up to the widest
+// vector, so the element-wise passes may run whole vectors past the visible columns.
+inline int64_t padded_block(const NsaProblem &p) { return (p.select_block_size + 15) / 16 * 16; }
+
+// Per-thread scratch of the block kernels (sizes in block_scratch_floats()).
+struct BlockScratch {
+  float *keys_t;      // [D, beta_p]   K^T of the block
+  float *values_t;    // [Dv, beta_p]  V^T (backward)
+  float *key_tile;    // [beta, D]     converted key rows (half types)
+  float *value_tile;  // [beta, Dv]
+  float *q_rows;      // [M, D]        query rows of the chunk's pairs
+  float *do_rows;     // [M, Dv]       grad rows (backward)
+  float *scores;      // [M, beta_p]   S, then P
+  float *dscores;     // [M, beta_p]   dP, then dS (backward)
+  float *out_rows;    // [M, max(D, Dv)]  a product's result before it is scattered; converted rows
+  float *pair_stats;  // [3, M]        row max, 1 / row sum, Delta per pair (backward)
+};
+
+// Pairs of a chunk rounded up to the widest vector (the transposed forward scores' row length).
+inline int64_t padded_pairs(const NsaProblem &p) { return (chunk_pairs(p.q_heads / p.kv_heads) + 15) / 16 * 16; }
+
+inline int64_t block_scratch_floats(const NsaProblem &p) {
+  const int64_t m = padded_pairs(p), bp = padded_block(p);
+  const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
+  return (D + Dv) * bp + p.select_block_size * (D + Dv) + m * (D + Dv + 2 * bp + std::max(D, Dv) + 3);
+}
+
+inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base) {
+  const int64_t m = padded_pairs(p), bp = padded_block(p);
+  const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
+  BlockScratch s;
+  s.keys_t = base;
+  s.values_t = s.keys_t + D * bp;
+  s.key_tile = s.values_t + Dv * bp;
+  s.value_tile = s.key_tile + p.select_block_size * D;
+  s.q_rows = s.value_tile + p.select_block_size * Dv;
+  s.do_rows = s.q_rows + m * D;
+  s.scores = s.do_rows + m * Dv;
+  s.dscores = s.scores + m * bp;
+  s.out_rows = s.dscores + m * bp;
+  s.pair_stats = s.out_rows + m * std::max(D, Dv);
+  return s;
+}
+
+// Where one tile's shared buffers and uses are (the uses of one block: sorted, (query row, slot) order).
+struct TileView {
+  int64_t tile_begin;  // first query row of the tile
+  float *partial;      // [items, C, G, width]: per-(item, slot) partial O (width Dv) or dQ (width D);
+                       // item = tile row * N2 + KV head
+  float *stats;        // forward: [items, C, 2, G]: per-(item, slot) block max m_s, then weight; sum l_s
+};
+
+inline int64_t use_item(const NsaProblem &p, const BlockUse &use) { return use.tile_row * p.kv_heads + use.kv_head; }
+
+inline int64_t use_head0(const NsaProblem &p, const TileView &tile, const BlockUse &use) {
+  return (tile.tile_begin + use.tile_row) * p.q_heads + use.kv_head * (p.q_heads / p.kv_heads);
+}
+
+inline int64_t use_slot(const NsaProblem &p, const BlockUse &use) {
+  return use_item(p, use) * p.select_block_count + use.slot;
+}
+
+// Each use's G rows of a chunk's product [uses * G, width] into its place in the per-(item, slot) buffer.
+MS_NSA_INLINE void scatter_partials(const NsaProblem &p, const TileView &tile, const BlockUse *uses, int64_t count,
+                                    const float *rows, int64_t width) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  for (int64_t u = 0; u < count; ++u) {
+    std::memcpy(tile.partial + use_slot(p, uses[u]) * group * width, rows + u * group * width,
+                group * width * sizeof(float));
+  }
+}
+
+// End of the chunk starting at `begin`: consecutive uses that see the same rows of the block (so one
+// product serves them all; only causal diagonal blocks see fewer than beta), at most chunk_uses().
+inline int64_t chunk_end(const BlockUse *uses, int64_t begin, int64_t use_count, int64_t max_uses) {
+  int64_t end = begin + 1;
+  while (end < use_count && end - begin < max_uses && uses[end].visible == uses[begin].visible) ++end;
+  return end;
+}
+
+inline int64_t rows_reached(const BlockUse *uses, int64_t use_count) {
+  int64_t reached = 0;
+  for (int64_t u = 0; u < use_count; ++u) reached = std::max(reached, uses[u].visible);
+  return reached;
+}
+
+// The rows of one KV block its uses reach, as float32 (straight from the tensors for float32).
+struct BlockRows {
+  const float *keys, *values;
+  int64_t ld_key = 0, ld_value = 0, reached = 0;
+};
+
+// dst[e * ld_dst + j] = src[j * ld_src + e] for the block's first `rows` rows, in 16 x 16 squares so that
+// both sides stay in L1 (a plain row-by-row loop took a quarter of the backward's block step).
+MS_NSA_INLINE void transpose_block(const float *src, int64_t ld_src, int64_t rows, int64_t dim, float *dst,
+                                   int64_t ld_dst) {
+  constexpr int64_t kSquare = 16;
+  for (int64_t j0 = 0; j0 < rows; j0 += kSquare) {
+    const int64_t j1 = std::min(rows, j0 + kSquare);
+    for (int64_t e0 = 0; e0 < dim; e0 += kSquare) {
+      const int64_t e1 = std::min(dim, e0 + kSquare);
+      for (int64_t e = e0; e < e1; ++e) {
+        for (int64_t j = j0; j < j1; ++j) dst[e * ld_dst + j] = src[j * ld_src + e];
+      }
+    }
+  }
+}
+
+template <int W>
+MS_NSA_INLINE BlockRows load_block(const NsaProblem &p, const void *key, const void *value, const BlockUse *uses,
+                                   int64_t use_count, const BlockScratch &s) {
+  BlockRows r;
+  r.reached = rows_reached(uses, use_count);
+  r.keys = kv_rows<W>(p, key, p.qk_head_dim, uses[0].block_row, uses[0].kv_head, r.reached, s.key_tile, &r.ld_key);
+  r.values = kv_rows<W>(p, value, p.v_head_dim, uses[0].block_row, uses[0].kv_head, r.reached, s.value_tile,
+                        &r.ld_value);
+  transpose_block(r.keys, r.ld_key, r.reached, p.qk_head_dim, s.keys_t, padded_block(p));
+  return r;
+}
+
+// The G rows [G, dim] of every use of a chunk, converted to float32, one after the other in `dst`.
+template <int W>
+MS_NSA_INLINE void gather_pair_rows(const NsaProblem &p, const TileView &tile, const void *tensor, int64_t dim,
+                                    const BlockUse *uses, int64_t count, float *dst) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  for (int64_t u = 0; u < count; ++u) {
+    load_row_fast<W>(p.dtype, tensor, use_head0(p, tile, uses[u]) * dim, dst + u * group * dim, group * dim);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward.
+
+// The first `n` floats of src as a vector, `fill` in the lanes beyond.
+template <int W>
+MS_NSA_INLINE typename Lanes<W>::type load_head(const float *src, int64_t n, float fill) {
+  if (n >= W) return load<W>(src);
+  float lanes[W];
+  for (int l = 0; l < W; ++l) lanes[l] = l < n ? src[l] : fill;
+  return load<W>(lanes);
+}
+
+// A reduction over the lanes in log2(W) halving steps: a max that keeps NaN (kMax) or a sum, each in a
+// fixed order.
+template <int W, bool kMax>
+MS_NSA_INLINE float reduce_lanes(typename Lanes<W>::type v) {
+  if constexpr (W == 1) {
+    return v;
+  } else {
+    typename Lanes<W / 2>::type low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char *>(&v) + sizeof(low), sizeof(high));
+    if constexpr (kMax) {
+      return reduce_lanes<W / 2, kMax>(nan_max<W / 2>(low, high));
+    } else {
+      return reduce_lanes<W / 2, kMax>(low + high);
+    }
+  }
+}
+
+// One block's part of a softmax row, over row[0, n): its max m_s, exp(x - m_s) in place and their sum.
+// A row whose scores here are all -inf gets P = 0 from this block, not exp(-inf + inf) = NaN.
+template <int W>
+MS_NSA_INLINE void block_row_softmax(float *row, int64_t n, float *row_max_out, float *row_sum_out) {
+  typedef typename Lanes<W>::type V;
+  V m_lanes = splat<W>(kNegInf);
+  for (int64_t j = 0; j < n; j += W) m_lanes = nan_max<W>(m_lanes, load_head<W>(row + j, n - j, kNegInf));
+  const float row_max = reduce_lanes<W, true>(m_lanes), shift = row_max == kNegInf ? 0.0f : row_max;
+  V l_lanes{};
+  for (int64_t j = 0; j < n; j += W) {
+    const V e = exp<W>(load_head<W>(row + j, n - j, kNegInf) - shift);  // padding lanes: exp(-inf) = 0
+    if (n - j >= W) {
+      store<W>(row + j, e);
+    } else {
+      float lanes[W];
+      store<W>(lanes, e);
+      std::memcpy(row + j, lanes, (n - j) * sizeof(float));
+    }
+    l_lanes += e;
+  }
+  *row_max_out = row_max;
+  *row_sum_out = reduce_lanes<W, false>(l_lanes);
+}
+
+// Forward A, for every use of one KV block: S = scale * Q K^T, the block's part of the softmax (its
+// max m_s, P_s = exp(S - m_s), its sum l_s) and the partial output P_s V, into the tile's
+// per-(item, slot) buffers. Nothing here depends on the row's other blocks.
+template <int W>
+MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, const BlockUse *uses, int64_t use_count,
+                                 const BlockScratch &s) {
+  const NsaProblem &p = *f.p;
+  const int64_t group = p.q_heads / p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
+  const int64_t bp = padded_block(p);
+  constexpr int kRows = kTileRegs<W> / 4;
+  const BlockRows block = load_block<W>(p, f.key, f.value, uses, use_count, s);
+  for (int64_t begin = 0; begin < use_count;) {
+    const int64_t end = chunk_end(uses, begin, use_count, chunk_uses(group)), visible = uses[begin].visible;
+    const int64_t pairs = (end - begin) * group;
+    gather_pair_rows<W>(p, tile, f.query, D, uses + begin, end - begin, s.q_rows);
+    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
+                                             p.scale_value);
+    for (int64_t u = begin; u < end; ++u) {
+      float *stats = tile.stats + use_slot(p, uses[u]) * group * 2;
+      for (int64_t g = 0; g < group; ++g) {
+        block_row_softmax<W>(s.scores + ((u - begin) * group + g) * bp, visible, stats + g, stats + group + g);
+      }
+    }
+    product<W, kRows, 4, Update::kOverwrite>(pairs, Dv, visible, {s.scores, bp, 1}, block.values, block.ld_value,
+                                             s.out_rows, Dv);
+    scatter_partials(p, tile, uses + begin, end - begin, s.out_rows, Dv);
+    begin = end;
+  }
+}
+
+// Forward D, for one item: per (query row, head) the row max m = max_s m_s and sum l = sum_s l_s e^(m_s - m)
+// over its visible slots in slot order, then O = sum_s e^(m_s - m) P_s V / l. Writes softmax_max/sum
+// and the item's weights e^(m_s - m) into the stats buffer's max entries for item_sum_partials.
+template <int W>
+MS_NSA_INLINE void item_combine_stats(const ForwardArgs &f, const TileView &tile, int64_t item) {
+  const NsaProblem &p = *f.p;
+  const int64_t group = p.q_heads / p.kv_heads, count = p.select_block_count;
+  const Item it(p, f.topk, tile.tile_begin + item / p.kv_heads, item % p.kv_heads);
+  float *stats = tile.stats + item * count * group * 2;
+  for (int64_t g = 0; g < group; ++g) {
+    float row_max = kNegInf, row_sum = 0.0f;
+    for (int64_t i = 0; i < count; ++i) {
+      if (it.visible(p, i) > 0) row_max = nan_max<1>(row_max, stats[i * group * 2 + g]);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      if (it.visible(p, i) == 0) continue;
+      float *slot = stats + i * group * 2;
+      slot[g] = std::exp(slot[g] - row_max);  // the slot's weight from here on
+      row_sum += slot[group + g] * slot[g];
+    }
+    std::fill_n(f.softmax_max + (it.head0 + g) * kSoftmaxStatWidth, kSoftmaxStatWidth, row_max);
+    std::fill_n(f.softmax_sum + (it.head0 + g) * kSoftmaxStatWidth, kSoftmaxStatWidth, row_sum);
+  }
+}
+
+// D (forward and backward): the G output rows of one item, the sum over its visible slots, in slot
+// order, of the partial rows times the slot's weight per head (forward: e^(m_s - m) / l from
+// item_combine_stats; backward: none), stored in the output dtype.
+template <int W>
+MS_NSA_INLINE void item_sum_partials(const NsaProblem &p, const int32_t *topk, const TileView &tile, int64_t item,
+                                     int64_t width, const float *row_sums, void *out, float *acc) {
+  const int64_t group = p.q_heads / p.kv_heads, count = p.select_block_count;
+  const Item it(p, topk, tile.tile_begin + item / p.kv_heads, item % p.kv_heads);
+  std::fill(acc, acc + group * width, 0.0f);
+  for (int64_t i = 0; i < count; ++i) {
+    if (it.visible(p, i) == 0) continue;
+    const float *part = tile.partial + (item * count + i) * group * width;
+    const float *weights = row_sums ? tile.stats + (item * count + i) * group * 2 : nullptr;
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = weights ? weights[g] / row_sums[(it.head0 + g) * kSoftmaxStatWidth] : 1.0f;
+      float *acc_row = acc + g * width;
+      const float *part_row = part + g * width;
+      int64_t e = 0;
+      for (; e + W <= width; e += W) store<W>(acc_row + e, load<W>(acc_row + e) + weight * load<W>(part_row + e));
+      for (; e < width; ++e) acc_row[e] += weight * part_row[e];
+    }
+  }
+  store_row_fast<W>(p.dtype, acc, out, it.head0 * width, group * width);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward.
+
+// A: everything one KV block contributes: its dK/dV rows (owned by the caller) summed over its uses in
+// order, and each use's partial dQ into the tile's per-(item, slot) buffer.
+template <int W>
+MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, const BlockUse *uses,
+                                  int64_t use_count, const BlockScratch &s) {
+  typedef typename Lanes<W>::type V;
+  const NsaProblem &p = *b.p;
+  const int64_t group = p.q_heads / p.kv_heads, N2 = p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
+  const int64_t bp = padded_block(p), max_pairs = chunk_pairs(group);
+  constexpr int kRows = kTileRegs<W> / 4;
+  const BlockUse &first = uses[0];
+  const BlockRows block = load_block<W>(p, b.key, b.value, uses, use_count, s);
+  transpose_block(block.values, block.ld_value, block.reached, Dv, s.values_t, bp);
+  float *dk_block = b.dk_acc + (first.block_row * N2 + first.kv_head) * D;
+  float *dv_block = b.dv_acc + (first.block_row * N2 + first.kv_head) * Dv;
+  float *row_max = s.pair_stats, *inv_sum = s.pair_stats + max_pairs, *delta = s.pair_stats + 2 * max_pairs;
+
+  for (int64_t begin = 0; begin < use_count;) {
+    const int64_t end = chunk_end(uses, begin, use_count, chunk_uses(group)), visible = uses[begin].visible;
+    const int64_t pairs = (end - begin) * group;
+    gather_pair_rows<W>(p, tile, b.query, D, uses + begin, end - begin, s.q_rows);
+    gather_pair_rows<W>(p, tile, b.grad, Dv, uses + begin, end - begin, s.do_rows);
+    gather_pair_rows<W>(p, tile, b.attention_out, Dv, uses + begin, end - begin, s.out_rows);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t head0 = use_head0(p, tile, uses[u]);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t pair = (u - begin) * group + g;
+        row_max[pair] = b.softmax_max[(head0 + g) * kSoftmaxStatWidth];
+        inv_sum[pair] = 1.0f / b.softmax_sum[(head0 + g) * kSoftmaxStatWidth];
+        delta[pair] = dot<W>(s.do_rows + pair * Dv, s.out_rows + pair * Dv, Dv);
+      }
+    }
+    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
+                                             p.scale_value);
+    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, Dv, {s.do_rows, Dv, 1}, s.values_t, bp, s.dscores, bp);
+    // P and dS (scale folded in), whole vectors: the columns past `visible` are never read.
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      for (int64_t j = 0; j < visible; j += W) {
+        float *prob_at = s.scores + pair * bp + j, *dprob_at = s.dscores + pair * bp + j;
+        const V prob = exp<W>(load<W>(prob_at) - row_max[pair]) * inv_sum[pair];
+        store<W>(prob_at, prob);
+        store<W>(dprob_at, prob * (load<W>(dprob_at) - delta[pair]) * p.scale_value);
+      }
+    }
+    product<W, kRows, 4, Update::kAccumulate>(visible, Dv, pairs, {s.scores, 1, bp}, s.do_rows, Dv, dv_block, N2 * Dv);
+    product<W, kRows, 4, Update::kAccumulate>(visible, D, pairs, {s.dscores, 1, bp}, s.q_rows, D, dk_block, N2 * D);
+    product<W, kRows, 4, Update::kOverwrite>(pairs, D, visible, {s.dscores, bp, 1}, block.keys, block.ld_key,
+                                             s.out_rows, D);
+    scatter_partials(p, tile, uses + begin, end - begin, s.out_rows, D);
+    begin = end;
+  }
+}
+
+// Step D of the forward and of the backward for one item (acc: [G, max(D, Dv)] of scratch).
+template <int W>
+MS_NSA_INLINE void item_forward_finish(const ForwardArgs &f, const TileView &tile, int64_t item, float *acc) {
+  item_combine_stats<W>(f, tile, item);
+  item_sum_partials<W>(*f.p, f.topk, tile, item, f.p->v_head_dim, f.softmax_sum, f.attention_out, acc);
+}
+
+template <int W>
+MS_NSA_INLINE void item_backward_finish(const BackwardArgs &b, const TileView &tile, int64_t item, float *acc) {
+  item_sum_partials<W>(*b.p, b.topk, tile, item, b.p->qk_head_dim, nullptr, b.dq, acc);
+}
+
+}  // namespace ms_nsa
+
+#endif  // MS_NSA_NSA_BLOCK_KERNELS_H_
