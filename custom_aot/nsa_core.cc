@@ -239,6 +239,9 @@ double block_reuse(const NsaProblem &p, const int32_t *topk_indices) {
 enum class Pass { kForward, kBackward };
 
 Strategy choose_strategy(const NsaProblem &p, const int32_t *topk_indices, Pass pass) {
+  // The block kernels implement ms_nsa's own masks only; CANN's rules (the Ascend twin: a fully masked
+  // row averaging, the backward's per-slot mask) exist in the per-item kernels alone.
+  if (p.mask == MaskRule::kCannForward || p.mask == MaskRule::kCannBackward) return Strategy::kItems;
   const Strategy forced = forced_strategy();
   if (forced != Strategy::kAuto) return forced;
   const int64_t group = p.q_heads / p.kv_heads, largest_local_group = pass == Pass::kForward ? 8 : 16;
