@@ -15,9 +15,9 @@
 // the query rows of a tile that selected them inside, so each loaded block feeds real matrix
 // products. choose_strategy() below picks one per call; both are deterministic in the same sense.
 //
-// Instruction sets: the kernels are compiled three times, for AVX-512, for AVX2+FMA and for the
-// x86-64 baseline, and the best one the CPU supports is picked at run time (MS_NSA_ISA=avx512|avx2|
-// baseline forces one, for testing). Different paths may differ in the last bits (FMA contraction);
+// Instruction sets: the kernels are compiled once per set of nsa_isa.h (AVX-512, AVX2+FMA and the
+// baseline on x86-64; NEON and the baseline on aarch64) and the best one the CPU supports is picked at
+// load time (MS_NSA_ISA forces one, for testing). Different paths may differ in the last bits (FMA contraction);
 // on one machine the results are bitwise reproducible and independent of the thread count.
 #include "nsa_core.h"
 
@@ -67,43 +67,44 @@ struct Kernels {
   int score_lanes;
 };
 
-// Defines the three entry points of one instantiation; the target attribute makes the always_inline
-// bodies compile for that instruction set.
-#define MS_NSA_ENTRY_POINTS(NAME, TARGET, W, SW)                                                          \
-  TARGET void forward_##NAME(const ForwardArgs &f, int64_t t, int64_t n, const Scratch &s) {             \
-    forward_item<W, SW>(f, t, n, s);                                                                      \
-  }                                                                                                       \
-  TARGET void backward_##NAME(const BackwardArgs &b, int64_t t, int64_t n, float *probs, float *dscores,  \
-                              const Scratch &s) {                                                         \
-    backward_item<W, SW>(b, t, n, probs, dscores, s);                                                     \
-  }                                                                                                       \
-  TARGET void accumulate_##NAME(const BackwardArgs &b, int64_t tile_begin, const BlockUse *uses,          \
-                                int64_t use_count, const float *probs, const float *dscores,              \
-                                const Scratch &s) {                                                       \
-    accumulate_block<W, SW>(b, tile_begin, uses, use_count, probs, dscores, s);                           \
-  }                                                                                                       \
-  TARGET void store_##NAME(DType dtype, const float *src, void *dst, int64_t offset, int64_t count) {     \
-    store_row_fast<W>(dtype, src, dst, offset, count);                                                    \
-  }                                                                                                       \
-  constexpr Kernels kKernels_##NAME = {forward_##NAME, backward_##NAME, accumulate_##NAME, store_##NAME, SW};
+// The entry points of one instruction set, one instantiation per score width SW (the lanes that hold
+// a group's scores; SW <= W). Templates, so that a set whose W caps two widths compiles them once.
+#define MS_NSA_ENTRY_POINTS(ISA, NAME, TARGET, W)                                                             \
+  template <int SW>                                                                                           \
+  TARGET void forward_##NAME(const ForwardArgs &f, int64_t t, int64_t n, const Scratch &s) {                  \
+    forward_item<W, SW>(f, t, n, s);                                                                          \
+  }                                                                                                           \
+  template <int SW>                                                                                           \
+  TARGET void backward_##NAME(const BackwardArgs &b, int64_t t, int64_t n, float *probs, float *dscores,       \
+                              const Scratch &s) {                                                             \
+    backward_item<W, SW>(b, t, n, probs, dscores, s);                                                         \
+  }                                                                                                           \
+  template <int SW>                                                                                           \
+  TARGET void accumulate_##NAME(const BackwardArgs &b, int64_t tile_begin, const BlockUse *uses,               \
+                                int64_t use_count, const float *probs, const float *dscores,                  \
+                                const Scratch &s) {                                                           \
+    accumulate_block<W, SW>(b, tile_begin, uses, use_count, probs, dscores, s);                               \
+  }                                                                                                           \
+  TARGET void store_##NAME(DType dtype, const float *src, void *dst, int64_t offset, int64_t count) {          \
+    store_row_fast<W>(dtype, src, dst, offset, count);                                                        \
+  }                                                                                                           \
+  template <int SW>                                                                                           \
+  constexpr Kernels kernels_##NAME = {forward_##NAME<SW>, backward_##NAME<SW>, accumulate_##NAME<SW>,          \
+                                      store_##NAME, SW};                                                      \
+  constexpr ScoreWidths kKernels_##NAME = {{&kernels_##NAME<4>, &kernels_##NAME<(W < 8 ? W : 8)>,              \
+                                            &kernels_##NAME<(W < 16 ? W : 16)>}};
 
-MS_NSA_ENTRY_POINTS(avx512_16, MS_NSA_TARGET_AVX512, 16, 16)
-MS_NSA_ENTRY_POINTS(avx512_8, MS_NSA_TARGET_AVX512, 16, 8)
-MS_NSA_ENTRY_POINTS(avx512_4, MS_NSA_TARGET_AVX512, 16, 4)
-MS_NSA_ENTRY_POINTS(avx2_8, MS_NSA_TARGET_AVX2, 8, 8)
-MS_NSA_ENTRY_POINTS(avx2_4, MS_NSA_TARGET_AVX2, 8, 4)
-MS_NSA_ENTRY_POINTS(baseline_4, MS_NSA_TARGET_BASELINE, 4, 4)
+// A set's kernels for groups of up to 4, 8 and 16 heads (wider groups take the widest).
+struct ScoreWidths {
+  const Kernels *by_width[3];
+};
+
+MS_NSA_FOR_EACH_ISA(MS_NSA_ENTRY_POINTS)
 
 // The narrowest score vector that holds a group (fewer wasted lanes for small G), within the ISA.
 const Kernels &kernels_for(int64_t group) {
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return group <= 4 ? kKernels_avx512_4 : group <= 8 ? kKernels_avx512_8 : kKernels_avx512_16;
-    case Isa::kAvx2:
-      return group <= 4 ? kKernels_avx2_4 : kKernels_avx2_8;
-    default:
-      return kKernels_baseline_4;
-  }
+  const ScoreWidths &widths = MS_NSA_ACTIVE_KERNELS(ScoreWidths);
+  return *widths.by_width[group <= 4 ? 0 : group <= 8 ? 1 : 2];
 }
 
 // The block-outer strategy's entry points (nsa_block_kernels.h): one set per instruction set, with the
@@ -115,7 +116,7 @@ struct BlockKernels {
   void (*backward_finish)(const BackwardArgs &, const TileView &, int64_t item, float *acc);
 };
 
-#define MS_NSA_BLOCK_ENTRY_POINTS(NAME, TARGET, W)                                                          \
+#define MS_NSA_BLOCK_ENTRY_POINTS(ISA, NAME, TARGET, W)                                                     \
   TARGET void forward_block_##NAME(const ForwardArgs &f, const TileView &tile, const BlockUse *uses,        \
                                    int64_t use_count, const BlockScratch &s) {                              \
     block_forward<W>(f, tile, uses, use_count, s);                                                          \
@@ -130,20 +131,14 @@ struct BlockKernels {
   TARGET void backward_finish_##NAME(const BackwardArgs &b, const TileView &tile, int64_t item, float *acc) { \
     item_backward_finish<W>(b, tile, item, acc);                                                            \
   }                                                                                                         \
-  constexpr BlockKernels kBlockKernels_##NAME = {forward_block_##NAME, forward_finish_##NAME,               \
-                                                 backward_block_##NAME, backward_finish_##NAME};
+  constexpr BlockKernels kKernels_##NAME = {forward_block_##NAME, forward_finish_##NAME,                    \
+                                            backward_block_##NAME, backward_finish_##NAME};
 
-MS_NSA_BLOCK_ENTRY_POINTS(avx512, MS_NSA_TARGET_AVX512, 16)
-MS_NSA_BLOCK_ENTRY_POINTS(avx2, MS_NSA_TARGET_AVX2, 8)
-MS_NSA_BLOCK_ENTRY_POINTS(baseline, MS_NSA_TARGET_BASELINE, 4)
-
-const BlockKernels &block_kernels() {
-  switch (active_isa()) {
-    case Isa::kAvx512: return kBlockKernels_avx512;
-    case Isa::kAvx2: return kBlockKernels_avx2;
-    default: return kBlockKernels_baseline;
-  }
-}
+// A namespace of their own, so that their tables' names (kKernels_<isa>) hide the per-item ones.
+namespace block_entry {
+MS_NSA_FOR_EACH_ISA(MS_NSA_BLOCK_ENTRY_POINTS)
+const BlockKernels &active() { return MS_NSA_ACTIVE_KERNELS(BlockKernels); }
+}  // namespace block_entry
 
 // Per-thread scratch of the kernels: O(G * (C*beta + D + Dv) + (beta + kUseRows) * (D + Dv)) floats.
 class ThreadScratch {
@@ -327,7 +322,7 @@ void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, B
 }
 
 void forward_by_blocks(const NsaProblem &p, const ForwardArgs &args) {
-  const BlockKernels &kernels = block_kernels();
+  const BlockKernels &kernels = block_entry::active();
   const int64_t slots = block_tile_rows(p) * p.q_heads * p.select_block_count;
   float *workspace = tile_workspace(slots * (p.v_head_dim + 2));
   TileView tile{0, workspace, workspace + slots * p.v_head_dim};
@@ -382,7 +377,7 @@ void backward_by_items(const NsaProblem &p, const BackwardArgs &args) {
 }
 
 void backward_by_blocks(const NsaProblem &p, const BackwardArgs &args) {
-  const BlockKernels &kernels = block_kernels();
+  const BlockKernels &kernels = block_entry::active();
   const int64_t slots = block_tile_rows(p) * p.q_heads * p.select_block_count;
   TileView tile{0, tile_workspace(slots * p.qk_head_dim), nullptr};
   run_block_tiles(
@@ -398,13 +393,7 @@ void backward_by_blocks(const NsaProblem &p, const BackwardArgs &args) {
 void nsa_set_num_threads(int num_threads) { g_num_threads = num_threads; }
 int nsa_get_num_threads() { return active_threads(); }
 
-const char *nsa_kernel_isa() {
-  switch (active_isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
-  }
-}
+const char *nsa_kernel_isa() { return active_isa_name(); }
 
 NsaError nsa_forward(const NsaProblem &p, const void *query, const void *key, const void *value,
                      const int32_t *topk_indices, float *softmax_max, float *softmax_sum,

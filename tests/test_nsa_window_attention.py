@@ -13,7 +13,7 @@ from ms_nsa.op_def import load_op_def
 from ms_nsa.window import api, reference
 from ms_nsa.window.composed import composed_window_attention, sequence_starts
 from cases import MS_DTYPES, REL_TOL, rel_error, round_to, to_numpy
-from test_kernel_isa import run_forced
+from test_kernel_isa import FORCED_ISAS, run_forced
 
 # The backward chains more roundings (dS, and dO / O enter in the input dtype): 2x the room, as for
 # nsa_select_attention_grad.
@@ -289,7 +289,7 @@ def test_bad_input_raises_a_named_error(what, call, exc, message):
     assert "nsa_window_attention" in str(info.value) or what.startswith("Cell"), f"{what}: {info.value}"
 
 
-# The AVX2 and baseline kernels (MS_NSA_ISA forces them; this machine would otherwise run AVX-512), in
+# The lesser instruction sets of this architecture (test_kernel_isa.FORCED_ISAS: AVX2 and baseline, or NEON and baseline), in
 # a child process: errors vs the reference and the same bits for 1 and 3 threads, on shapes whose
 # widths are no multiple of the vector (D 20, Dv 12, G 3) and that span tiles.
 ISA_CHILD = r"""
@@ -327,7 +327,7 @@ print(json.dumps({"isa": lib.ms_nsa_kernel_isa().decode(), "errors": errors, "sa
 """
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("isa", FORCED_ISAS)
 def test_forced_instruction_set_matches_reference(isa):
     run_forced(isa, ISA_CHILD)
 

@@ -39,7 +39,7 @@ struct Kernels {
   int score_lanes;
 };
 
-#define MS_NSA_CMP_ENTRY_POINTS(NAME, TARGET, W)                                                              \
+#define MS_NSA_CMP_ENTRY_POINTS(ISA, NAME, TARGET, W)                                                              \
   TARGET void forward_##NAME(const Tensors &x, const ForwardOut &o, const Tile &tile, int64_t n,              \
                              const ForwardScratch &s) {                                                       \
     cmp_attn::forward_item<W, W>(x, o, tile, n, s);                                                           \
@@ -56,17 +56,9 @@ struct Kernels {
   constexpr Kernels kKernels_##NAME = {forward_##NAME, query_##NAME, key_##NAME, W};
 
 // Score vectors as wide as the ISA's: tiles of several query rows fill them when G is small.
-MS_NSA_CMP_ENTRY_POINTS(avx512, MS_NSA_TARGET_AVX512, 16)
-MS_NSA_CMP_ENTRY_POINTS(avx2, MS_NSA_TARGET_AVX2, 8)
-MS_NSA_CMP_ENTRY_POINTS(baseline, MS_NSA_TARGET_BASELINE, 4)
+MS_NSA_FOR_EACH_ISA(MS_NSA_CMP_ENTRY_POINTS)
 
-const Kernels &active_kernels() {
-  switch (active_isa()) {
-    case Isa::kAvx512: return kKernels_avx512;
-    case Isa::kAvx2: return kKernels_avx2;
-    default: return kKernels_baseline;
-  }
-}
+const Kernels &active_kernels() { return MS_NSA_ACTIVE_KERNELS(Kernels); }
 
 // Every batch's query rows cut into tiles of `rows_per_tile`, in row order; tile_begin[b] is batch b's
 // first tile (tile_begin[B] = the tile count).

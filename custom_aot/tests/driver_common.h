@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <random>
@@ -52,6 +53,7 @@ struct Buffer {
   size_t element_size() const {
     if (dtype == "float32" || dtype == "int32") return 4;
     if (dtype == "int64") return 8;
+    if (dtype == "bool" || dtype == "uint8") return 1;
     return 2;
   }
   int64_t count() const { return static_cast<int64_t>(bytes.size() / element_size()); }
@@ -73,8 +75,34 @@ inline void fill_random(Buffer &b) {
 using InitFn = int (*)(int *, int64_t **, const char **, mindspore::AotExtra *);
 using KernelFn = int (*)(int, void **, int *, int64_t **, const char **, void *, void *);
 
+// With MS_NSA_DUMP_DIR set, every call that succeeds leaves its tensors there (the inputs and the
+// outputs it wrote), for tests/test_aarch64.py to check against the float64 reference on the host:
+// case_<n>.txt names the entry point, its attributes and each tensor's dtype and shape, in call order;
+// case_<n>_<i>.bin holds tensor i's bytes (little-endian, as on every architecture tested).
+inline void dump_call(const char *entry, const std::vector<Buffer *> &tensors,
+                      const std::map<std::string, int64_t> &ints, float scale) {
+  static int dumped = 0;
+  const char *dir = std::getenv("MS_NSA_DUMP_DIR");
+  if (!dir) return;
+  const std::string stem = std::string(dir) + "/case_" + std::to_string(dumped++);
+  FILE *manifest = std::fopen((stem + ".txt").c_str(), "w");
+  if (!manifest) throw std::runtime_error("cannot write to MS_NSA_DUMP_DIR " + std::string(dir));
+  std::fprintf(manifest, "entry %s\nfloat scale_value %.9g\n", entry, static_cast<double>(scale));
+  for (const auto &[name, value] : ints) std::fprintf(manifest, "int %s %lld\n", name.c_str(), static_cast<long long>(value));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    std::fprintf(manifest, "tensor %s", tensors[i]->dtype.c_str());
+    for (int64_t d : tensors[i]->shape) std::fprintf(manifest, " %lld", static_cast<long long>(d));
+    std::fprintf(manifest, "\n");
+    FILE *data = std::fopen((stem + "_" + std::to_string(i) + ".bin").c_str(), "wb");
+    if (!data) throw std::runtime_error("cannot write to MS_NSA_DUMP_DIR " + std::string(dir));
+    std::fwrite(tensors[i]->bytes.data(), 1, tensors[i]->bytes.size(), data);
+    std::fclose(data);
+  }
+  std::fclose(manifest);
+}
+
 // Calls an entry point MindSpore-style; returns the status (0 = ok), catching the thrown error.
-inline int call_entry(InitFn init, KernelFn kernel, const std::vector<Buffer *> &tensors,
+inline int call_entry(const char *entry, InitFn init, KernelFn kernel, const std::vector<Buffer *> &tensors,
                       const std::map<std::string, int64_t> &ints) {
   std::vector<void *> params;
   std::vector<int> ndims;
@@ -90,12 +118,15 @@ inline int call_entry(InitFn init, KernelFn kernel, const std::vector<Buffer *> 
   extra.ints = ints;
   init(ndims.data(), shapes.data(), dtypes.data(), &extra);
   ms_nsa_clear_error();
+  int status;
   try {
-    return kernel(static_cast<int>(params.size()), params.data(), ndims.data(), shapes.data(), dtypes.data(),
-                  nullptr, &extra);
+    status = kernel(static_cast<int>(params.size()), params.data(), ndims.data(), shapes.data(), dtypes.data(),
+                    nullptr, &extra);
   } catch (const std::invalid_argument &) {
-    return ms_nsa_last_error_status();
+    status = ms_nsa_last_error_status();
   }
+  if (status == 0) dump_call(entry, tensors, ints, extra.scale);
+  return status;
 }
 
 inline int failures = 0, valid_runs = 0, invalid_runs = 0;

@@ -63,10 +63,10 @@ int run_compress(const Compress &c, Corrupt corrupt) {
   fill_random(weight);
   corrupt(input, weight, cu, out);
   const std::map<std::string, int64_t> attrs{{"compress_block_size", c.block}, {"compress_stride", c.stride}};
-  int status = driver::call_entry(NsaCompressInit, NsaCompress, {&input, &weight, &cu, &out}, attrs);
+  int status = driver::call_entry("NsaCompress", NsaCompressInit, NsaCompress, {&input, &weight, &cu, &out}, attrs);
   Buffer grad = out, input_grad(input.shape, input.dtype), weight_grad(weight.shape, weight.dtype);
   fill_random(grad);
-  const int backward = driver::call_entry(NsaCompressGradInit, NsaCompressGrad,
+  const int backward = driver::call_entry("NsaCompressGrad", NsaCompressGradInit, NsaCompressGrad,
                                           {&grad, &input, &weight, &cu, &input_grad, &weight_grad}, attrs);
   expect(backward == status, "nsa_compress: forward status " + std::to_string(status) + " but backward " +
                                  std::to_string(backward));
@@ -154,14 +154,12 @@ int run_attention(const Attention &a, Corrupt corrupt) {
       {"compress_stride", a.stride},         {"select_block_size", a.select},
       {"select_block_count", a.count},       {"has_atten_mask", a.atten_mask},
       {"has_topk_mask", a.topk_mask},        {"has_actual_sel_seq_kvlen", a.sel_lengths}};
-  const int status = driver::call_entry(
-      NsaCompressAttentionInit, NsaCompressAttention,
+  const int status = driver::call_entry("NsaCompressAttention", NsaCompressAttentionInit, NsaCompressAttention,
       {&x.q, &x.k, &x.v, &x.atten, &x.topk_mask, &x.cu_q, &x.cu_kv, &x.cu_sel, &x.smax, &x.ssum, &x.out, &x.topk},
       attrs);
   if (status != 0) return status;
   expect(driver::all_finite(x.out), "nsa_compress_attention: non-finite output");
-  const int backward = driver::call_entry(
-      NsaCompressAttentionGradInit, NsaCompressAttentionGrad,
+  const int backward = driver::call_entry("NsaCompressAttentionGrad", NsaCompressAttentionGradInit, NsaCompressAttentionGrad,
       {&x.q, &x.k, &x.v, &x.out, &x.grad, &x.smax, &x.ssum, &x.atten, &x.cu_q, &x.cu_kv, &x.dq, &x.dk, &x.dv}, attrs);
   expect(backward == 0 && driver::all_finite(x.dq) && driver::all_finite(x.dk) && driver::all_finite(x.dv),
          "nsa_compress_attention: backward failed after a valid forward");

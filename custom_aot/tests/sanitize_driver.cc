@@ -79,9 +79,9 @@ struct Inputs {
   }
 };
 
-int launch(driver::InitFn init, driver::KernelFn kernel, std::vector<Buffer *> tensors, const Problem &p,
+int launch(const char *entry, driver::InitFn init, driver::KernelFn kernel, std::vector<Buffer *> tensors, const Problem &p,
            int64_t head_num_override = -1) {
-  return driver::call_entry(init, kernel, tensors,
+  return driver::call_entry(entry, init, kernel, tensors,
                             {{"head_num", head_num_override >= 0 ? head_num_override : p.q_heads},
                              {"sparse_mode", p.sparse_mode}, {"select_block_size", p.block},
                              {"select_block_count", p.count}});
@@ -98,13 +98,13 @@ struct Outputs {
 };
 
 int forward(Inputs &in, Outputs &o, const Problem &p, int64_t head_num = -1) {
-  return launch(NsaSelectAttentionInit, NsaSelectAttention,
+  return launch("NsaSelectAttention", NsaSelectAttentionInit, NsaSelectAttention,
                 {&in.q, &in.k, &in.v, &in.topk, &in.cu_q, &in.cu_kv, &o.softmax_max, &o.softmax_sum, &o.out}, p,
                 head_num);
 }
 
 int backward(Inputs &in, Outputs &o, const Problem &p) {
-  return launch(NsaSelectAttentionGradInit, NsaSelectAttentionGrad,
+  return launch("NsaSelectAttentionGrad", NsaSelectAttentionGradInit, NsaSelectAttentionGrad,
                 {&in.q, &in.k, &in.v, &o.out, &o.d_out, &o.softmax_max, &o.softmax_sum, &in.topk, &in.cu_q,
                  &in.cu_kv, &o.dq, &o.dk, &o.dv}, p);
 }

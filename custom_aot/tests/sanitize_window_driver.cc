@@ -55,10 +55,9 @@ struct WindowTensors {
 // Forward and backward on the same tensors; returns both statuses.
 std::pair<int, int> run(WindowTensors &t, const WindowCase &c) {
   const std::map<std::string, int64_t> attrs{{"head_num", c.q_heads}, {"window_size", c.window}};
-  const int forward = driver::call_entry(NsaWindowAttentionInit, NsaWindowAttention,
+  const int forward = driver::call_entry("NsaWindowAttention", NsaWindowAttentionInit, NsaWindowAttention,
                                          {&t.q, &t.k, &t.v, &t.cu, &t.softmax_max, &t.softmax_sum, &t.out}, attrs);
-  const int backward = driver::call_entry(
-      NsaWindowAttentionGradInit, NsaWindowAttentionGrad,
+  const int backward = driver::call_entry("NsaWindowAttentionGrad", NsaWindowAttentionGradInit, NsaWindowAttentionGrad,
       {&t.q, &t.k, &t.v, &t.out, &t.d_out, &t.softmax_max, &t.softmax_sum, &t.cu, &t.dq, &t.dk, &t.dv}, attrs);
   return {forward, backward};
 }

@@ -29,7 +29,7 @@ struct Kernels {
   DeltaFn delta;
 };
 
-#define MS_NSA_WINDOW_ENTRY_POINTS(NAME, TARGET, W)                                                      \
+#define MS_NSA_WINDOW_ENTRY_POINTS(ISA, NAME, TARGET, W)                                                      \
   TARGET void forward_##NAME(const ForwardArgs &f, const Tile &q, int64_t n, const Scratch &s) {        \
     forward_tile<W>(f, q, n, s);                                                                 \
   }                                                                                                      \
@@ -44,17 +44,9 @@ struct Kernels {
   }                                                                                                      \
   constexpr Kernels kKernels_##NAME = {forward_##NAME, key_backward_##NAME, query_backward_##NAME, delta_##NAME};
 
-MS_NSA_WINDOW_ENTRY_POINTS(avx512, MS_NSA_TARGET_AVX512, 16)
-MS_NSA_WINDOW_ENTRY_POINTS(avx2, MS_NSA_TARGET_AVX2, 8)
-MS_NSA_WINDOW_ENTRY_POINTS(baseline, MS_NSA_TARGET_BASELINE, 4)
+MS_NSA_FOR_EACH_ISA(MS_NSA_WINDOW_ENTRY_POINTS)
 
-const Kernels &kernels() {
-  switch (active_isa()) {
-    case Isa::kAvx512: return kKernels_avx512;
-    case Isa::kAvx2: return kKernels_avx2;
-    default: return kKernels_baseline;
-  }
-}
+const Kernels &kernels() { return MS_NSA_ACTIVE_KERNELS(Kernels); }
 
 class ThreadScratch {
  public:
