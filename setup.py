@@ -16,8 +16,9 @@ CORE_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc"]
 # twin/ the Ascend twin's stand-in library (built on its own below).
 KERNEL_SOURCES = sorted(path for path in glob.glob("custom_aot/**/*.cc", recursive=True)
                         if not path.startswith(("custom_aot/tests/", "custom_aot/twin/")))
-# One stand-in file per aclnn op (each also declares its CPU entry points) plus the shared shim.
-TWIN_SOURCES = CORE_SOURCES + sorted(glob.glob("custom_aot/twin/*.cc"))
+# One stand-in file per aclnn op plus the shared shim; the math core comes from the kernel library, which
+# the twin library links (found next to it at run time), so nsa_core.cc is compiled once.
+TWIN_SOURCES = sorted(glob.glob("custom_aot/twin/*.cc"))
 TWIN_INCLUDES = ["custom_aot", "custom_aot/twin", "ms_nsa/twin_cann/include"]
 KERNEL_FLAGS = [
     "-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra",
@@ -41,6 +42,11 @@ class BuildKernelLibrary(build_ext):
 
     def get_export_symbols(self, ext):
         return []
+
+    def build_extension(self, ext):
+        if "ms_nsa_cpu" in ext.libraries:  # the twin: link the kernel library built just before it
+            ext.library_dirs = [os.path.dirname(self.get_ext_fullpath("ms_nsa.libms_nsa_cpu"))]
+        super().build_extension(ext)
 
 
 # Name, version and dependencies are in pyproject.toml; this file adds what needs code: the kernels.
@@ -66,7 +72,8 @@ setup(
             depends=sorted(glob.glob("custom_aot/*.h") + glob.glob("custom_aot/twin/*.h")
                            + glob.glob("ms_nsa/twin_cann/include/*/*.h")),
             extra_compile_args=KERNEL_FLAGS,
-            extra_link_args=["-fopenmp", "-ldl"],
+            libraries=["ms_nsa_cpu"],
+            extra_link_args=["-fopenmp", "-ldl", "-Wl,-rpath,$ORIGIN"],
             language="c++",
         ),
     ],
