@@ -7,6 +7,7 @@ the CPU-convention shim; docs/ascend.md). Nothing is compiled at import time.
 """
 import glob
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -46,7 +47,21 @@ class BuildKernelLibrary(build_ext):
     def build_extension(self, ext):
         if "ms_nsa_cpu" in ext.libraries:  # the twin: link the kernel library built just before it
             ext.library_dirs = [os.path.dirname(self.get_ext_fullpath("ms_nsa.libms_nsa_cpu"))]
-        super().build_extension(ext)
+        # One compiler process per source file, as many at a time as there are cores (setuptools compiles
+        # them one by one): the per-ISA kernel files take most of the build, and under emulation
+        # (tools/aarch64/) minutes each.
+        compile_one = self.compiler.compile
+
+        def compile_all(sources, **kwargs):
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                objects = pool.map(lambda source: compile_one([source], **kwargs), sources)
+                return [obj for group in objects for obj in group]
+
+        self.compiler.compile = compile_all
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_one
 
 
 # Name, version and dependencies are in pyproject.toml; this file adds what needs code: the kernels.

@@ -240,3 +240,26 @@ def test_same_bits_for_one_and_two_threads_under_emulation(target, driver, tmp_p
     one = run_driver(target, driver, isa, threads=1, dump_dir=tmp_path / "one")
     assert len(one) == len(two) > 0
     assert output_bits(one) == output_bits(two), f"{arch}/{isa}: results changed with the thread count"
+
+
+def test_python_suite_under_emulated_aarch64():
+    """tools/aarch64/run-tests.sh: `pip install .` inside an arm64 Debian with MindSpore 2.10's aarch64
+    wheel (proot + qemu-aarch64), then the Python suite's core files there (the NEON kernels through
+    MindSpore's compiler and autodiff, both modes, vs the float64 reference). The root filesystem
+    takes ~15 minutes to build, so this test only uses one that exists (.ci/run builds it first)."""
+    rootfs = Path(os.environ.get("MS_NSA_AARCH64_DIR", Path.home() / ".cache/ms_nsa/aarch64"))
+    missing = [tool for tool in ("proot", "qemu-aarch64") if not shutil.which(tool)]
+    if missing or not (rootfs / ".ready").exists():
+        reason = (f"no emulated aarch64 environment ({rootfs}/.ready: {(rootfs / '.ready').exists()}, "
+                  f"missing tools: {missing}); build it with `bash tools/aarch64/setup-rootfs.sh` (as root, ~15 min)")
+        if os.environ.get("MS_NSA_REQUIRE_CROSS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    result = subprocess.run(["bash", str(ROOT / "tools/aarch64/run-tests.sh")], capture_output=True, text=True,
+                            timeout=3600)
+    tail = result.stdout[-3000:] + result.stderr[-2000:]
+    print(tail)
+    assert result.returncode == 0, tail
+    summary = re.search(r"(\d+) passed", result.stdout)
+    assert summary and int(summary.group(1)) >= 100, tail
+    assert not re.search(r"\d+ (failed|errors?)\b", result.stdout), tail
