@@ -9,7 +9,8 @@ architecture with neither x86 nor Arm code, which must get the portable baseline
 - every successful call of those runs is dumped (MS_NSA_DUMP_DIR, driver_common.h) and checked here
   against the float64 reference of its op, within the dtype tolerances of the rest of the suite;
 - the same calls give the same bits with 1 and 2 threads (aarch64, NEON kernels).
-On aarch64 both instruction sets of nsa_isa.h run (neon, and the portable baseline forced).
+On aarch64 both instruction sets of nsa_isa.h run (neon, and the portable baseline forced), and the
+selected pair's driver also with each kernel strategy (per item, block-outer) forced.
 
 Needs {arch}-linux-gnu-g++ and qemu-{arch} (Debian: g++-aarch64-linux-gnu, g++-riscv64-linux-gnu,
 qemu-user; .ci/run installs them). Without them the tests skip, saying so; MS_NSA_REQUIRE_CROSS=1 (set
@@ -107,10 +108,13 @@ def target(request, tmp_path_factory):
     return arch, emulator, sysroot, binaries
 
 
-def run_driver(target, name, isa, threads, dump_dir):
+def run_driver(target, name, isa, threads, dump_dir, strategy=None):
     arch, emulator, sysroot, binaries = target
     dump_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MS_NSA_ISA=isa, MS_NSA_DUMP_DIR=str(dump_dir))
+    env.pop("MS_NSA_STRATEGY", None)
+    if strategy:  # the selected pair's per-item or block-outer kernels for every call (nsa_core.cc)
+        env["MS_NSA_STRATEGY"] = strategy
     result = subprocess.run([emulator, "-L", str(sysroot), str(binaries[name])], capture_output=True, text=True,
                             timeout=900, env=env)
     assert result.returncode == 0, f"{arch} {name} ({isa}, {threads} threads):\n{result.stdout}\n{result.stderr[-4000:]}"
@@ -218,8 +222,14 @@ def output_bits(manifests):
 @pytest.mark.parametrize("driver", sorted(DRIVERS))
 def test_drivers_match_reference_under_emulation(target, driver, tmp_path):
     arch = target[0]
-    for isa in TARGETS[arch]:
-        manifests = run_driver(target, driver, isa, threads=2, dump_dir=tmp_path / isa)
+    # the selected pair's driver once more per strategy with the best instruction set (the default run
+    # lets the shapes choose)
+    runs = [(isa, None) for isa in TARGETS[arch]]
+    if driver == "sanitize_driver":
+        runs += [(TARGETS[arch][0], "items"), (TARGETS[arch][0], "blocks")]
+    for isa, strategy in runs:
+        manifests = run_driver(target, driver, isa, threads=2, dump_dir=tmp_path / f"{isa}-{strategy}",
+                               strategy=strategy)
         entries = {}
         for manifest in manifests:
             entry, dtype, _ = check_against_reference(manifest)
