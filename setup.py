@@ -11,13 +11,15 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CORE_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc"]
 # Every op's kernel folder (custom_aot/<op>/) and the shared files at the top; tests/ holds drivers and
 # twin/ the Ascend twin's stand-in library (built on its own below).
 KERNEL_SOURCES = sorted(path for path in glob.glob("custom_aot/**/*.cc", recursive=True)
                         if not path.startswith(("custom_aot/tests/", "custom_aot/twin/")))
-# One stand-in file per aclnn op (each also declares its CPU entry points) plus the shared shim.
-TWIN_SOURCES = CORE_SOURCES + sorted(glob.glob("custom_aot/twin/*.cc"))
+# The twin's stand-ins compute CANN's results with the ops' math cores (every kernel source but the AOT
+# entry layers), plus one stand-in file per aclnn op (each also declares its CPU entry points), the
+# stand-in for MindSpore's flash-attention gradient, and the shared shim.
+TWIN_SOURCES = sorted(path for path in KERNEL_SOURCES if not path.endswith(("_aot.cc", "aot_common.cc"))) + \
+    sorted(glob.glob("custom_aot/twin/*.cc"))
 TWIN_INCLUDES = ["custom_aot", "custom_aot/twin", "ms_nsa/twin_cann/include"]
 KERNEL_FLAGS = [
     "-std=c++17", "-O3", "-fopenmp", "-fPIC", "-Wall", "-Wextra",
@@ -63,7 +65,7 @@ setup(
             "ms_nsa.libms_nsa_ascend_twin",
             sources=TWIN_SOURCES,
             include_dirs=TWIN_INCLUDES,
-            depends=sorted(glob.glob("custom_aot/*.h") + glob.glob("custom_aot/twin/*.h")
+            depends=sorted(glob.glob("custom_aot/**/*.h", recursive=True)
                            + glob.glob("ms_nsa/twin_cann/include/*/*.h")),
             extra_compile_args=KERNEL_FLAGS,
             extra_link_args=["-fopenmp", "-ldl"],
