@@ -354,14 +354,31 @@ def custom(op_def: OpDef, attrs: Mapping[str, Any], twin: bool, bprop=None,
         return op
 
 
+class _Launch(nn.Cell):
+    """The primitive called with every aclnn argument, in a compiled (ms.jit) construct, in PyNative too:
+    MindSpore 2.10's PyNative path for Custom aclnn ops (pyboost) handles at most 12 arguments +
+    outputs, its graph path (CustomV2AclnnKernelMod) any number."""
+
+    def __init__(self, primitive: ops.Custom, plan):
+        super().__init__()
+        self.primitive = primitive
+        self.plan = plan
+
+    @ms.jit
+    def construct(self, *inputs):
+        return self.primitive(*aclnn_arguments(self.plan, inputs))
+
+
 class AclnnCall(nn.Cell):
     """Calls one aclnn Custom primitive with the backend-independent call inputs (`kernel_inputs`, the
     CPU op's inputs), filling in every other aclnn argument from the plan.
 
-    construct is compiled (ms.jit) in PyNative too: MindSpore 2.10's PyNative path for Custom aclnn ops
-    handles at most 12 arguments + outputs, its graph path any number. An op adapts its inputs and
-    outputs by overriding `prepare` (checks on the lengths, input rewrites) and `finish` (output layout);
-    both run inside the compiled construct.
+    An op adapts its inputs and outputs by overriding `prepare` (checks on the constant lengths, input
+    rewrites; returns the inputs and a context of constants) and `finish` (the outputs' layout, given
+    that context). They run around the compiled launch, not in it: inside a compiled graph PyNative's
+    autodiff sums a zero per element read from the primitive's output tuple into each gradient, an AddN
+    that MindSpore's CPU backend lacks for bfloat16 (graph mode optimises it away; PyNative runs them
+    eagerly).
     """
 
     def __init__(self, primitive: ops.Custom, op_def: OpDef, attrs: Mapping[str, Any], twin: bool,
@@ -369,17 +386,17 @@ class AclnnCall(nn.Cell):
         super().__init__()
         self.primitive = primitive
         self.plan = call_plan(op_def, fixed_arguments(op_def, attrs, twin, tensors))
+        self.launch = _Launch(primitive, self.plan)
 
     def prepare(self, inputs):
-        return inputs
+        return inputs, None
 
-    def finish(self, outputs, inputs):  # pylint: disable=unused-argument
+    def finish(self, outputs, context):  # pylint: disable=unused-argument
         return outputs
 
-    @ms.jit
     def construct(self, *inputs):
-        inputs = self.prepare(inputs)
-        return self.finish(self.primitive(*aclnn_arguments(self.plan, inputs)), inputs)
+        inputs, context = self.prepare(inputs)
+        return self.finish(self.launch(*inputs), context)
 
 
 # -- MindSpore's flash-attention gradient, and the twin's stand-in for it ----------------------------
@@ -535,7 +552,7 @@ class SelectedAttentionCall(AclnnCall):
     def prepare(self, inputs):
         function, block_size, block_count = self.batch_rule
         _check_batches(function, block_size, block_count, inputs[self.lengths[0]], inputs[self.lengths[1]])
-        return inputs[:self.topk] + (sort_rows(inputs[self.topk]),) + inputs[self.topk + 1:]
+        return inputs[:self.topk] + (sort_rows(inputs[self.topk]),) + inputs[self.topk + 1:], None
 
 
 # lru_cache objects, as on the CPU: graph mode runs them at compile time instead of parsing them.

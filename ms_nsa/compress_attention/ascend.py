@@ -110,11 +110,10 @@ class CompressAttentionCall(ascend.AclnnCall):
             atten_mask = atten_mask[:max_q, :max_kv]
         if self.has_topk_mask:
             topk_mask = topk_mask[:max_q, :max_blocks]
-        return query, key, value, atten_mask, topk_mask, cu_q, cu_kv, derived
+        return (query, key, value, atten_mask, topk_mask, cu_q, cu_kv, derived), cu_q
 
-    def finish(self, outputs, inputs):
+    def finish(self, outputs, cu_q):
         softmax_max, softmax_sum, attention_out, topk_indices = outputs
-        cu_q = inputs[5]
         return (ascend.softmax_from_cann(softmax_max, cu_q), ascend.softmax_from_cann(softmax_sum, cu_q),
                 attention_out, topk_indices)
 
