@@ -390,3 +390,29 @@ def test_ascend_rules_raise_named_errors(what, call, exc, message, twin):
         call()
     assert message in str(info.value), f"{what}: {info.value}"
     assert not twin.calls(), "the check must come before any aclnn call"
+
+
+# -- the on-device suite's bodies, run on the twin -------------------------------------------------------------
+def _on_device_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent / "ascend" / "test_on_device_compress.py"
+    spec = importlib.util.spec_from_file_location("on_device_compress", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_on_device_bodies_pass_on_the_twin(dtype, twin):
+    """tests/ascend/test_on_device_compress.py at CANN's sizes (D 128/192, G 4/16), on the twin: the
+    comparisons with the float64 references hold (the built-in ops' are not run: they need an NPU)."""
+    on_device = _on_device_module()
+    on_device.test_compress_attention_gradient_matches_reference("causal", dtype, None)
+    c = on_device._compress_case("paper-l32-d16", dtype)
+    x, w = (Tensor(c[n]).astype(MS_DTYPES[dtype]) for n in ("x", "w"))
+    out = ms_nsa.nsa_compress(x, w, c["block"], c["stride"], actual_seq_len=c["lengths"])
+    want = compress_reference.forward(c["x"], c["w"], c["block"], c["stride"], actual_seq_len=c["lengths"])
+    assert rel_error(to_numpy(out), want) < REL_TOL[dtype]
+    names = {name for name, _ in twin.calls()}
+    assert names == {"aclnnNsaCompressAttention", "FlashAttentionScoreGrad", "aclnnNsaCompress"}, names
