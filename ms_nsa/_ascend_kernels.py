@@ -1,5 +1,8 @@
-"""The Ascend backend: MindSpore `Custom` ops (func_type="aot") over CANN's aclnnNsaSelectedAttention and
-aclnnNsaSelectedAttentionGrad. Nothing in this file has been run on an NPU; on a CPU, the Ascend twin
+"""The Ascend backend: MindSpore `Custom` ops (func_type="aot") over CANN's aclnn ops. This file holds the
+construction every such op shares (reg_info, the call plan, AclnnCall, the twin, CANN's softmax layout,
+MindSpore's flash-attention gradient) and the selected pair's ops (aclnnNsaSelectedAttention[Grad]); the
+other ops' Ascend sides live in their folders (ms_nsa/compress/ascend.py,
+ms_nsa/compress_attention/ascend.py). Nothing here has been run on an NPU; on a CPU, the Ascend twin
 (MS_NSA_BACKEND=ascend_twin, docs/ascend.md) compiles and differentiates these very ops with MindSpore and
 runs them against a stand-in for the aclnn library.
 
@@ -17,9 +20,9 @@ How MindSpore 2.10 turns `ops.Custom(func="aclnnXxx", func_type="aot", reg_info=
   (measured: 13 -> 5 forward inputs, 17 -> 8 for the gradient). ms_nsa calls the primitive with every
   aclnn argument in the yaml's order, which is the prototype's order.
 * PyNative calls a Custom aclnn op through pyboost, whose kernel exists only for up to 12 inputs +
-  outputs (the forward has 16, the gradient 20). Graph mode uses CustomV2AclnnKernelMod, which has no
-  such limit. The ops are therefore always called from a compiled Cell (`ms.jit` construct), also in
-  PyNative.
+  outputs (the selected forward has 16, its gradient 20). Graph mode uses CustomV2AclnnKernelMod, which
+  has no such limit. The ops are therefore always called from a compiled Cell (`ms.jit` construct), also
+  in PyNative.
 * The bprop has an explicit signature (the forward's arguments, then out, dout): MindSpore's bprop
   parser rejects `*args`.
 """
