@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CORE_SOURCES = ["custom_aot/nsa_core.cc", "custom_aot/nsa_validate.cc"]
 # Every op's kernel folder (custom_aot/<op>/) and the shared files at the top; tests/ holds drivers and
 # twin/ the Ascend twin's stand-in library (built on its own below).
 KERNEL_SOURCES = sorted(path for path in glob.glob("custom_aot/**/*.cc", recursive=True)
@@ -84,7 +83,7 @@ setup(
             "ms_nsa.libms_nsa_ascend_twin",
             sources=TWIN_SOURCES,
             include_dirs=TWIN_INCLUDES,
-            depends=sorted(glob.glob("custom_aot/*.h") + glob.glob("custom_aot/twin/*.h")
+            depends=sorted(glob.glob("custom_aot/**/*.h", recursive=True)
                            + glob.glob("ms_nsa/twin_cann/include/*/*.h")),
             extra_compile_args=KERNEL_FLAGS,
             libraries=["ms_nsa_cpu"],

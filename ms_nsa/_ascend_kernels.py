@@ -1,5 +1,8 @@
-"""The Ascend backend: MindSpore `Custom` ops (func_type="aot") over CANN's aclnnNsaSelectedAttention and
-aclnnNsaSelectedAttentionGrad. Nothing in this file has been run on an NPU; on a CPU, the Ascend twin
+"""The Ascend backend: MindSpore `Custom` ops (func_type="aot") over CANN's aclnn ops. This file holds the
+construction every such op shares (reg_info, the call plan, AclnnCall, the twin, CANN's softmax layout,
+MindSpore's flash-attention gradient) and the selected pair's ops (aclnnNsaSelectedAttention[Grad]); the
+other ops' Ascend sides live in their folders (ms_nsa/compress/ascend.py,
+ms_nsa/compress_attention/ascend.py). Nothing here has been run on an NPU; on a CPU, the Ascend twin
 (MS_NSA_BACKEND=ascend_twin, docs/ascend.md) compiles and differentiates these very ops with MindSpore and
 runs them against a stand-in for the aclnn library.
 
@@ -17,9 +20,9 @@ How MindSpore 2.10 turns `ops.Custom(func="aclnnXxx", func_type="aot", reg_info=
   (measured: 13 -> 5 forward inputs, 17 -> 8 for the gradient). ms_nsa calls the primitive with every
   aclnn argument in the yaml's order, which is the prototype's order.
 * PyNative calls a Custom aclnn op through pyboost, whose kernel exists only for up to 12 inputs +
-  outputs (the forward has 16, the gradient 20). Graph mode uses CustomV2AclnnKernelMod, which has no
-  such limit. The ops are therefore always called from a compiled Cell (`ms.jit` construct), also in
-  PyNative.
+  outputs (the selected forward has 16, its gradient 20). Graph mode uses CustomV2AclnnKernelMod, which
+  has no such limit. The ops are therefore always called from a compiled Cell (`ms.jit` construct), also
+  in PyNative.
 * The bprop has an explicit signature (the forward's arguments, then out, dout): MindSpore's bprop
   parser rejects `*args`.
 """
@@ -256,29 +259,35 @@ def _attach_generated_callback(op: ops.Custom, op_def: OpDef) -> None:
     op.add_prim_attr("ms_nsa_twin_outputs", len(op_def.outputs))
 
 
-# -- the ops ----------------------------------------------------------------------------------------
-def _check_attrs(op_def: OpDef, scale_value, head_num, sparse_mode, select_block_size,
-                 select_block_count) -> Dict[str, Any]:
+# -- the ops: one construction for every aclnn op ---------------------------------------------------
+def check_attrs(op_def: OpDef, values: Mapping[str, Any]) -> Dict[str, Any]:
     """The attributes, checked against the yaml's Ascend rules and normalised to Python scalars."""
-    return op_def.check_attrs(dict(scale_value=scale_value, head_num=head_num, sparse_mode=sparse_mode,
-                                   select_block_size=select_block_size,
-                                   select_block_count=select_block_count), BACKEND)
+    return op_def.check_attrs(dict(values), BACKEND)
 
 
-def _fixed_arguments(op_def: OpDef, attrs: Mapping[str, Any], twin: bool) -> Dict[str, Any]:
-    """The aclnn arguments that are not call inputs: the mask and the scalars."""
-    fixed = {name: float(value) if op_def.arg(name).kind == "float" else value for name, value in attrs.items()}
-    # MindSpore's CPU pipeline turns every scalar input of a kernel into a 0-d tensor, and a str has no
-    # tensor dtype; the twin passes the characters instead, and its shim rebuilds the char*.
-    fixed["input_layout"] = tuple(map(ord, INPUT_LAYOUT)) if twin else INPUT_LAYOUT
-    fixed["atten_mask"] = causal_mask() if attrs["sparse_mode"] == 2 else None
+def fixed_arguments(op_def: OpDef, attrs: Mapping[str, Any], twin: bool,
+                    tensors: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The aclnn arguments that are not call inputs: every scalar (the attributes, else the yaml's
+    default: input_layout "TND", actSeqLenType 0, ...) and the tensors the op decides itself (`tensors`:
+    a mask, or None for an absent optional input)."""
+    fixed = {}
+    for arg in op_def.attr_args:
+        value = attrs[arg.name] if arg.name in attrs else arg.default
+        if arg.kind == "float":
+            value = float(value)
+        elif arg.kind == "str" and twin:
+            # MindSpore's CPU pipeline turns every scalar input of a kernel into a 0-d tensor, and a str has
+            # no tensor dtype; the twin passes the characters instead, and its shim rebuilds the char*.
+            value = tuple(map(ord, value))
+        fixed[arg.name] = value
+    fixed.update(tensors or {})
     return fixed
 
 
 def call_plan(op_def: OpDef, fixed: Mapping[str, Any]) -> Tuple[Tuple[bool, Any], ...]:
-    """For each aclnn argument in order: (True, index of the call input) or (False, the fixed value)."""
+    """For each aclnn argument in order: (False, the fixed value) or (True, index of the call input)."""
     inputs = kernel_inputs(op_def)
-    return tuple((True, inputs.index(arg.name)) if arg.name in inputs else (False, fixed[arg.name])
+    return tuple((False, fixed[arg.name]) if arg.name in fixed else (True, inputs.index(arg.name))
                  for arg in op_def.args)
 
 
@@ -293,8 +302,17 @@ def aclnn_arguments(plan, inputs):
     return arguments
 
 
-def _infer(op_def: OpDef, attrs: Mapping[str, Any]):
+def zeros_of(*args):
+    """A zero of its own kind for each argument: what a bprop returns for its non-differentiable inputs."""
+    zeros = ()
+    for arg in args:
+        zeros = zeros + (zeros_like(arg),)
+    return zeros
+
+
+def _infer(op_def: OpDef, attrs: Mapping[str, Any], derived_dims: Optional[Mapping[str, int]] = None):
     """out_shape / out_dtype callables over all aclnn arguments (None = absent, int arrays as tuples)."""
+    single = len(op_def.outputs) == 1
 
     def infer_shape(*shapes):
         named = {}
@@ -303,13 +321,16 @@ def _infer(op_def: OpDef, attrs: Mapping[str, Any]):
                 continue
             named[arg.name] = (len(shape),) if arg.kind == "int_array" else shape
         dims = op_def.bind_dims(named, attrs, BACKEND)
-        return tuple(op_def.infer_shapes(dims, attrs))
+        dims.update(derived_dims or {})
+        inferred = op_def.infer_shapes(dims, attrs)
+        return inferred[0] if single else tuple(inferred)
 
     def infer_dtype(*dtypes):
         named = {arg.name: dtype_name(dtype) for arg, dtype in zip(op_def.args, dtypes)
                  if arg.kind == "tensor" and dtype is not None and _is_tensor_type(dtype)}
         op_def.check_dtypes(named, BACKEND)
-        return tuple(ms_dtype(dtype) for dtype in op_def.infer_dtypes(named))
+        inferred = [ms_dtype(dtype) for dtype in op_def.infer_dtypes(named)]
+        return inferred[0] if single else tuple(inferred)
 
     return infer_shape, infer_dtype
 
@@ -318,8 +339,10 @@ def _is_tensor_type(dtype) -> bool:
     return isinstance(dtype, ms.TensorType) or dtype in ms.dtype.all_types
 
 
-def _custom(op_def: OpDef, attrs: Mapping[str, Any], twin: bool, bprop=None) -> ops.Custom:
-    infer_shape, infer_dtype = _infer(op_def, attrs)
+def custom(op_def: OpDef, attrs: Mapping[str, Any], twin: bool, bprop=None,
+           derived_dims: Optional[Mapping[str, int]] = None) -> ops.Custom:
+    """The Custom primitive over op_def's aclnn op (on Ascend) or its twin stand-in (on the CPU)."""
+    infer_shape, infer_dtype = _infer(op_def, attrs, derived_dims)
     with _environment(MS_COMPILER_CACHE_PATH=callback_directory()):
         if twin:
             op = ops.Custom(f"{twin_library()}:{twin_entry(op_def)}", out_shape=infer_shape, out_dtype=infer_dtype,
@@ -334,21 +357,177 @@ def _custom(op_def: OpDef, attrs: Mapping[str, Any], twin: bool, bprop=None) -> 
         return op
 
 
+class _Launch(nn.Cell):
+    """The primitive called with every aclnn argument, in a compiled (ms.jit) construct, in PyNative too:
+    MindSpore 2.10's PyNative path for Custom aclnn ops (pyboost) handles at most 12 arguments +
+    outputs, its graph path (CustomV2AclnnKernelMod) any number."""
+
+    def __init__(self, primitive: ops.Custom, plan):
+        super().__init__()
+        self.primitive = primitive
+        self.plan = plan
+
+    @ms.jit
+    def construct(self, *inputs):
+        return self.primitive(*aclnn_arguments(self.plan, inputs))
+
+
+class AclnnCall(nn.Cell):
+    """Calls one aclnn Custom primitive with the backend-independent call inputs (`kernel_inputs`, the
+    CPU op's inputs), filling in every other aclnn argument from the plan.
+
+    An op adapts its inputs and outputs by overriding `prepare` (checks on the constant lengths, input
+    rewrites; returns the inputs and a context of constants) and `finish` (the outputs' layout, given
+    that context). They run around the compiled launch, not in it: inside a compiled graph PyNative's
+    autodiff sums a zero per element read from the primitive's output tuple into each gradient, an AddN
+    that MindSpore's CPU backend lacks for bfloat16 (graph mode optimises it away; PyNative runs them
+    eagerly).
+    """
+
+    def __init__(self, primitive: ops.Custom, op_def: OpDef, attrs: Mapping[str, Any], twin: bool,
+                 tensors: Optional[Mapping[str, Any]] = None):
+        super().__init__()
+        self.primitive = primitive
+        self.plan = call_plan(op_def, fixed_arguments(op_def, attrs, twin, tensors))
+        self.launch = _Launch(primitive, self.plan)
+
+    def prepare(self, inputs):
+        return inputs, None
+
+    def finish(self, outputs, context):  # pylint: disable=unused-argument
+        return outputs
+
+    def construct(self, *inputs):
+        inputs, context = self.prepare(inputs)
+        return self.finish(self.launch(*inputs), context)
+
+
+# -- MindSpore's flash-attention gradient, and the twin's stand-in for it ----------------------------
+# nsa_compress_attention has no CANN gradient op. Its gradient on Ascend is MindSpore's own
+# FlashAttentionScoreGrad (aclnnFlashAttentionUnpaddingScoreGrad) on the compressed K/V, TND, with the
+# forward's mask, as torch_npu differentiates npu_nsa_compress_attention. It reads softmax_max/sum in
+# the layout NsaCompressAttention writes them (flash attention's own TND default: batch by batch
+# [N1, S1_b, 8]; ops-transformer attention/flash_attention_score/op_kernel/
+# flash_attention_score_s1s2_bn2gs1_sab.h, softmaxMaxOffset without tndSoftmaxOut) and, for a mask in
+# no-compress mode (sparse_mode 0/1), needs it to be exactly [max S1_b, max S2_b]
+# (flash_attention_score_grad_tiling_s1s2_bn2gs1s2.cpp, CheckAttenMaskShape).
+FLASH_GRAD_TOKENS = 2147483647   # pre/next tokens: no band
+
+
+def flash_attention_grad_attrs(head_num: int, scale_value: float, has_atten_mask: bool) -> Dict[str, Any]:
+    """FlashAttentionScoreGrad's attributes for a softmax-attention gradient with (or without) a full mask."""
+    return dict(head_num=head_num, keep_prob=1.0, scale_value=float(scale_value), pre_tokens=FLASH_GRAD_TOKENS,
+                next_tokens=FLASH_GRAD_TOKENS, inner_precise=0, input_layout=INPUT_LAYOUT,
+                sparse_mode=1 if has_atten_mask else 0)
+
+
+# Its call inputs in order (MindSpore 2.10 FlashAttentionScoreGrad.__call__) and outputs.
+FLASH_GRAD_INPUTS = ("query", "key", "value", "dy", "pse_shift", "drop_mask", "padding_mask", "atten_mask",
+                     "softmax_max", "softmax_sum", "softmax_in", "attention_in", "prefix", "actual_seq_qlen",
+                     "actual_seq_kvlen")
+FLASH_GRAD_OUTPUTS = ("dq", "dk", "dv", "dpse")
+TWIN_FLASH_GRAD_ENTRY = "TwinFlashAttentionScoreGrad"
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attention_grad(head_num: int, scale_value: float, has_atten_mask: bool, twin: bool):
+    """MindSpore's FlashAttentionScoreGrad primitive (Ascend), or on the twin its stand-in: a CPU Custom
+    op of the twin library with the same inputs (in the same order, None where absent) and attributes,
+    which records them and computes flash attention's gradient with the CPU core."""
+    attrs = flash_attention_grad_attrs(head_num, scale_value, has_atten_mask)
+    if not twin:
+        from mindspore.ops.auto_generate import FlashAttentionScoreGrad  # pylint: disable=import-outside-toplevel
+        return FlashAttentionScoreGrad(**attrs)
+    return _twin_flash_attention_grad(attrs)
+
+
+def _twin_flash_attention_grad(attrs: Mapping[str, Any]) -> ops.Custom:
+    reg = CustomRegOp(TWIN_FLASH_GRAD_ENTRY)
+    absent = ("pse_shift", "drop_mask", "padding_mask", "softmax_in", "prefix")
+    for index, name in enumerate(FLASH_GRAD_INPUTS):
+        reg.input(index, name, "optional" if name in absent or name == "atten_mask" else "required")
+    for index, name in enumerate(FLASH_GRAD_OUTPUTS):
+        reg.output(index, name, "required")
+    for dtype in (DataType.F16_Default, DataType.BF16_Default):
+        for mask in (DataType.BOOL_Default, DataType.U8_Default, DataType.None_None):
+            row = {"atten_mask": mask, "softmax_max": DataType.F32_Default, "softmax_sum": DataType.F32_Default,
+                   "actual_seq_qlen": DataType.I64_Default, "actual_seq_kvlen": DataType.I64_Default}
+            row.update({name: DataType.None_None for name in absent})
+            reg.dtype_format(*(row.get(name, dtype) for name in FLASH_GRAD_INPUTS), dtype, dtype, dtype, dtype)
+
+    def infer_shape(query, key, value, *_):
+        return query, key, value, [1]
+
+    def infer_dtype(query, *_):
+        return query, query, query, query
+
+    op = ops.Custom(f"{twin_library()}:{TWIN_FLASH_GRAD_ENTRY}", out_shape=infer_shape, out_dtype=infer_dtype,
+                    func_type="aot", reg_info=reg.target("CPU").get_op_info())
+    for name, value in attrs.items():
+        op.add_prim_attr(name, value)
+    return op
+
+
+# -- what several Ascend ops share beyond the call ---------------------------------------------------
+def batch_lengths(cumulative: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Per-batch lengths from cumulative ones."""
+    return tuple(int(end - begin) for begin, end in zip((0,) + tuple(cumulative[:-1]), cumulative))
+
+
+@functools.lru_cache(maxsize=256)
+def _softmax_rows(cu_seq_q: Tuple[int, ...], heads: int) -> np.ndarray:
+    """For each (query row t, head n) in ms_nsa's [T1, N1, 8] order, its row in CANN's buffer, which holds
+    batch after batch [N1, S1_b, 8] (NsaCompressAttention's and flash attention's TND layout)."""
+    rows = []
+    for begin, length in zip((0,) + tuple(cu_seq_q[:-1]), batch_lengths(cu_seq_q)):
+        local = np.arange(length)[:, None]
+        rows.append(begin * heads + np.arange(heads)[None, :] * length + local)
+    return np.concatenate(rows).reshape(-1) if rows else np.zeros(0, np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _softmax_index(cu_seq_q: Tuple[int, ...], heads: int, to_cann: bool) -> Tensor:
+    rows = _softmax_rows(cu_seq_q, heads)
+    if to_cann:
+        rows = np.argsort(rows, kind="stable")
+    return Tensor(rows.astype(np.int32))
+
+
+def softmax_from_cann(stat, cu_seq_q):
+    """softmax_max / softmax_sum [T1, N1, 8] from CANN's batch-by-batch [N1, S1_b, 8] layout into query
+    row order (ms_nsa's layout, the CPU backend's): one gather with a compile-time index."""
+    t1, heads, width = stat.shape
+    index = _softmax_index(tuple(cu_seq_q), heads, False)
+    return ops.gather(stat.reshape((t1 * heads, width)), index, 0).reshape((t1, heads, width))
+
+
+def softmax_to_cann(stat, cu_seq_q):
+    """The inverse of softmax_from_cann: ms_nsa's statistics in the layout CANN's kernels read."""
+    t1, heads, width = stat.shape
+    index = _softmax_index(tuple(cu_seq_q), heads, True)
+    return ops.gather(stat.reshape((t1 * heads, width)), index, 0).reshape((t1, heads, width))
+
+
+# -- the selected pair: aclnnNsaSelectedAttention and aclnnNsaSelectedAttentionGrad -------------------
+_SELECTED_ATTRS = ("scale_value", "head_num", "sparse_mode", "select_block_size", "select_block_count")
+
+
+def _selected_attrs(op_def: OpDef, *values) -> Dict[str, Any]:
+    return check_attrs(op_def, dict(zip(_SELECTED_ATTRS, values)))
+
+
 @functools.lru_cache(maxsize=1024)  # a C-level callable: graph mode calls it at compile time
 def _check_batches(function, block_size, block_count, cu_seq_q, cu_seq_kv):
     """CANN's per-batch rules on the lengths (CANN does not check them itself)."""
     if len(cu_seq_q) != len(cu_seq_kv):
         raise ValueError(f"{function}: actual_seq_qlen has {len(cu_seq_q)} batches but actual_seq_kvlen has "
                          f"{len(cu_seq_kv)}; they must have the same length")
-    q_begin, kv_begin = 0, 0
-    for batch, (q_end, kv_end) in enumerate(zip(cu_seq_q, cu_seq_kv)):
-        kv_length = kv_end - kv_begin
-        if q_end > q_begin and (kv_length % block_size or kv_length < block_size * block_count):
+    for batch, (q_length, kv_length) in enumerate(zip(batch_lengths(cu_seq_q), batch_lengths(cu_seq_kv))):
+        if q_length and (kv_length % block_size or kv_length < block_size * block_count):
             raise ValueError(f"{function}: batch {batch} has {kv_length} keys; on Ascend every batch with "
                              f"queries needs a KV length that is a multiple of select_block_size = "
                              f"{block_size} and at least select_block_size * select_block_count = "
                              f"{block_size * block_count}")
-        q_begin, kv_begin = q_end, kv_end
 
 
 def sort_rows(topk_indices):
@@ -361,36 +540,31 @@ def sort_rows(topk_indices):
     return ops.sort(topk_indices.astype(ms.float32), axis=-1)[0].astype(ms.int32)
 
 
-class AclnnCall(nn.Cell):
-    """Calls one aclnn Custom primitive with the backend-independent call inputs (see _backend).
-
-    construct is compiled (ms.jit) in PyNative too: MindSpore 2.10's PyNative path for Custom aclnn ops
-    handles at most 12 arguments + outputs, its graph path any number.
-    """
+class SelectedAttentionCall(AclnnCall):
+    """The selected pair's call: CANN's batch rules checked, each topk row sorted, the causal mask
+    passed exactly when sparse_mode = 2."""
 
     def __init__(self, primitive: ops.Custom, op_def: OpDef, attrs: Mapping[str, Any], twin: bool):
-        super().__init__()
-        self.primitive = primitive
-        self.plan = call_plan(op_def, _fixed_arguments(op_def, attrs, twin))
+        super().__init__(primitive, op_def, attrs, twin,
+                         tensors={"atten_mask": causal_mask() if attrs["sparse_mode"] == 2 else None})
         inputs = kernel_inputs(op_def)
         self.lengths = (inputs.index("actual_seq_qlen"), inputs.index("actual_seq_kvlen"))
         self.topk = inputs.index("topk_indices")
         self.batch_rule = (op_def.python["function"], attrs["select_block_size"], attrs["select_block_count"])
 
-    @ms.jit
-    def construct(self, *inputs):
+    def prepare(self, inputs):
         function, block_size, block_count = self.batch_rule
         _check_batches(function, block_size, block_count, inputs[self.lengths[0]], inputs[self.lengths[1]])
-        inputs = inputs[:self.topk] + (sort_rows(inputs[self.topk]),) + inputs[self.topk + 1:]
-        return self.primitive(*aclnn_arguments(self.plan, inputs))
+        return inputs[:self.topk] + (sort_rows(inputs[self.topk]),) + inputs[self.topk + 1:], None
 
 
 # lru_cache objects, as on the CPU: graph mode runs them at compile time instead of parsing them.
 @functools.lru_cache(maxsize=None, typed=True)
-def grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count, twin=False) -> AclnnCall:
+def grad_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count,
+            twin=False) -> SelectedAttentionCall:
     op_def = load_op_def(BACKWARD)
-    attrs = _check_attrs(op_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
-    return AclnnCall(_custom(op_def, attrs, twin), op_def, attrs, twin)
+    attrs = _selected_attrs(op_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    return SelectedAttentionCall(custom(op_def, attrs, twin), op_def, attrs, twin)
 
 
 def make_bprop(grad_primitive):
@@ -407,22 +581,20 @@ def make_bprop(grad_primitive):
         dq, dk, dv = grad_primitive(query, key, value, attention_out, dout[2], softmax_max, softmax_sum,
                                     topk_indices, actual_seq_qlen, actual_seq_kvlen, atten_mask, scale_value,
                                     select_block_size, select_block_count, head_num, input_layout, sparse_mode)
-        return (dq, dk, dv, zeros_like(topk_indices), zeros_like(atten_mask), zeros_like(actual_seq_qlen),
-                zeros_like(actual_seq_kvlen), zeros_like(scale_value), zeros_like(head_num),
-                zeros_like(input_layout), zeros_like(sparse_mode), zeros_like(select_block_size),
-                zeros_like(select_block_count))
+        return (dq, dk, dv) + zeros_of(topk_indices, atten_mask, actual_seq_qlen, actual_seq_kvlen, scale_value,
+                                       head_num, input_layout, sparse_mode, select_block_size, select_block_count)
 
     return bprop
 
 
 @functools.lru_cache(maxsize=None, typed=True)
-def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count, twin=False) -> AclnnCall:
+def forward_op(scale_value, head_num, sparse_mode, select_block_size, select_block_count,
+               twin=False) -> SelectedAttentionCall:
     forward_def = load_op_def(FORWARD)
-    attrs = _check_attrs(forward_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
-    backward = grad_op(*(attrs[name] for name in ("scale_value", "head_num", "sparse_mode",
-                                                  "select_block_size", "select_block_count")), twin=twin)
+    attrs = _selected_attrs(forward_def, scale_value, head_num, sparse_mode, select_block_size, select_block_count)
+    backward = grad_op(*(attrs[name] for name in _SELECTED_ATTRS), twin=twin)
     bprop = make_bprop(backward.primitive)
-    return AclnnCall(_custom(forward_def, attrs, twin, bprop=bprop), forward_def, attrs, twin)
+    return SelectedAttentionCall(custom(forward_def, attrs, twin, bprop=bprop), forward_def, attrs, twin)
 
 
 def int_array(values) -> Tuple[int, ...]:

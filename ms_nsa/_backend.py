@@ -77,6 +77,13 @@ def current():
 
 
 @_at_compile_time
+def choice() -> str:
+    """The selected backend including the twin: cpu, ascend or ascend_twin (for ops that build their
+    primitives per backend themselves)."""
+    return selected()
+
+
+@_at_compile_time
 def name() -> str:
     """The backend name the yaml's rules are resolved for ("cpu" or "ascend")."""
     return current().BACKEND

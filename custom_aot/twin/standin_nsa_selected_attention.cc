@@ -18,7 +18,9 @@ namespace {
 
 using ms_nsa::MaskRule;
 using ms_nsa::NsaProblem;
+using ms_nsa::twin::executor_for;
 using ms_nsa::twin::fail;
+using ms_nsa::twin::launch;
 
 // The problem's sizes and lengths, owned by the executor that runs it.
 struct Problem {
@@ -66,19 +68,6 @@ std::string describe(const aclTensor *query, const aclTensor *key, const aclTens
   p.scale_value = static_cast<float>(scale);
   p.mask = sparse_mode == 2 && causal ? causal_rule : MaskRule::kNone;
   return "";
-}
-
-aclOpExecutor *executor_for(std::function<ms_nsa::NsaError()> work) {
-  return new aclOpExecutor{[work]() -> aclnnStatus {
-    const ms_nsa::NsaError err = work();
-    return err.status == ms_nsa::kOk ? 0 : fail(err.message);
-  }};
-}
-
-aclnnStatus launch(aclOpExecutor *executor) {
-  if (executor == nullptr) return fail("launch without an executor");
-  std::unique_ptr<aclOpExecutor> owned(executor);
-  return owned->run();
 }
 
 }  // namespace

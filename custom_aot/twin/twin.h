@@ -12,10 +12,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "acl/acl_base.h"
 #include "aot_extra.h"
+#include "nsa_status.h"
 
 struct aclTensor {
   void *data;
@@ -48,6 +51,25 @@ void record_tail(uint64_t *workspace_size, aclOpExecutor **executor);  // "works
 
 // A failed stand-in call: recorded as "error <message>" and returned as a non-zero status.
 aclnnStatus fail(const std::string &message);
+
+// The executor GetWorkspaceSize hands out: `work` (the CPU core on the bound arguments), run by launch(),
+// which also frees it; a core error is recorded and returned as a non-zero status.
+aclOpExecutor *executor_for(std::function<NsaError()> work);
+aclnnStatus launch(aclOpExecutor *executor);
+
+// The argument values a stand-in reads: a tensor's dtype is one of `names`; an int array's values.
+bool has_dtype(const aclTensor *tensor, std::initializer_list<const char *> names);
+std::vector<int64_t> values(const aclIntArray *array);
+// The longest batch of cumulative lengths.
+int64_t longest_batch(const std::vector<int64_t> &cumulative);
+
+// CANN's softmax_max / softmax_sum layout (NsaCompressAttention, and flash attention's TND default):
+// batch after batch [N1, S1_b, 8]; ms_nsa's CPU core writes and reads [T1, N1, 8] in query row order.
+// ops-transformer attention/nsa_compress_attention/op_kernel/nsa_compress_attention_var_len_score_sab.h
+// (ComputeBmm1Tail, softmaxMaxOffset) and attention/flash_attention_score/op_kernel/
+// flash_attention_score_s1s2_bn2gs1_sab.h (softmaxMaxOffset when tndSoftmaxOut is 0).
+void softmax_rows_to_cann(const std::vector<int64_t> &cu_q, int64_t heads, const float *rows, float *cann);
+void softmax_cann_to_rows(const std::vector<int64_t> &cu_q, int64_t heads, const float *cann, float *rows);
 
 using GetWorkspaceSizeFn = void *;  // the aclnn op's GetWorkspaceSize, passed untyped to the callback
 using LaunchFn = aclnnStatus (*)(void *, uint64_t, aclOpExecutor *, aclrtStream);

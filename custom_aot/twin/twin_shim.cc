@@ -7,8 +7,10 @@
 // casts each element and calls the aclnn op's GetWorkspaceSize; then it launches the op.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -99,6 +101,68 @@ aclnnStatus fail(const std::string &message) {
   record("error " + message);
   std::fprintf(stderr, "ms_nsa Ascend twin stand-in: %s\n", message.c_str());
   return 161001;  // CANN's ACLNN_ERR_PARAM_INVALID
+}
+
+aclOpExecutor *executor_for(std::function<NsaError()> work) {
+  return new aclOpExecutor{[work]() -> aclnnStatus {
+    const NsaError err = work();
+    return err.status == kOk ? 0 : fail(err.message);
+  }};
+}
+
+aclnnStatus launch(aclOpExecutor *executor) {
+  if (executor == nullptr) return fail("launch without an executor");
+  std::unique_ptr<aclOpExecutor> owned(executor);
+  return owned->run();
+}
+
+bool has_dtype(const aclTensor *tensor, std::initializer_list<const char *> names) {
+  if (tensor == nullptr) return false;
+  for (const char *name : names) {
+    if (std::strcmp(tensor->dtype, name) == 0) return true;
+  }
+  return false;
+}
+
+std::vector<int64_t> values(const aclIntArray *array) {
+  return array == nullptr ? std::vector<int64_t>{} : std::vector<int64_t>(array->values, array->values + array->size);
+}
+
+int64_t longest_batch(const std::vector<int64_t> &cumulative) {
+  int64_t longest = 0, begin = 0;
+  for (int64_t end : cumulative) {
+    longest = std::max(longest, end - begin);
+    begin = end;
+  }
+  return longest;
+}
+
+namespace {
+// Calls visit(row in ms_nsa's order, row in CANN's order) for every (query row, head).
+template <typename Visit>
+void for_each_softmax_row(const std::vector<int64_t> &cu_q, int64_t heads, Visit visit) {
+  int64_t begin = 0;
+  for (int64_t end : cu_q) {
+    const int64_t length = end - begin;
+    for (int64_t i = 0; i < length; ++i) {
+      for (int64_t n = 0; n < heads; ++n) visit((begin + i) * heads + n, begin * heads + n * length + i);
+    }
+    begin = end;
+  }
+}
+constexpr int64_t kStatWidth = 8;
+}  // namespace
+
+void softmax_rows_to_cann(const std::vector<int64_t> &cu_q, int64_t heads, const float *rows, float *cann) {
+  for_each_softmax_row(cu_q, heads, [&](int64_t ours, int64_t theirs) {
+    std::memcpy(cann + theirs * kStatWidth, rows + ours * kStatWidth, kStatWidth * sizeof(float));
+  });
+}
+
+void softmax_cann_to_rows(const std::vector<int64_t> &cu_q, int64_t heads, const float *cann, float *rows) {
+  for_each_softmax_row(cu_q, heads, [&](int64_t ours, int64_t theirs) {
+    std::memcpy(rows + ours * kStatWidth, cann + theirs * kStatWidth, kStatWidth * sizeof(float));
+  });
 }
 
 int shim_init(mindspore::AotExtra *extra, GetWorkspaceSizeFn get_workspace_size, LaunchFn launch) {

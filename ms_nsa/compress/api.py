@@ -1,9 +1,11 @@
-"""nsa_compress and nsa_compress_grad: the functional API and its CPU primitives.
+"""nsa_compress and nsa_compress_grad: the functional API and its CPU primitives (the Ascend ones are
+in ascend.py; the backend is chosen per call, at compile time in graph mode).
 
 The output length depends on the values of `actual_seq_len` (windows per segment), so the forward
 takes the lengths as Python constants (tuple/list/ndarray, or None for one segment): they are part of
 the primitive (a new set of lengths is a new output shape, hence a recompile in graph mode). The
-gradient op's shapes are those of its inputs, so it also takes them as a Tensor.
+gradient op's shapes are those of its inputs, so on the CPU it also takes them as a Tensor (on Ascend
+CANN takes every length as a host integer array, so tuples or lists only).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from .. import _cpu_kernels
-from .._ops_common import backend_name, cpu_only
+from .._ops_common import backend_choice, rules_for
+from . import ascend
 from ..functional import _constant_cumulative, _cumulative, _expect_tensors, _function_name
 from ..op_def import load_op_def
 
@@ -45,7 +48,7 @@ def nsa_compress(input, weight, compress_block_size, compress_stride, *, actual_
     if isinstance(actual_seq_len, Tensor):
         _reject_tensor_lengths()
     lengths = _lengths(actual_seq_len, input.shape[0])
-    op = _forward_op(compress_block_size, compress_stride, lengths, backend_name())
+    op = _forward_op(compress_block_size, compress_stride, lengths, backend_choice())
     return op(input, weight, _constant_cumulative(lengths, input.shape[0], "actual_seq_len", OP))
 
 
@@ -61,7 +64,7 @@ def nsa_compress_grad(grad, input, weight, compress_block_size, compress_stride,
     if not isinstance(actual_seq_len, Tensor):
         _check_window_count(_lengths(actual_seq_len, input.shape[0]), compress_block_size, compress_stride,
                             grad.shape[0])
-    op = _grad_op(compress_block_size, compress_stride, backend_name())
+    op = _grad_op(compress_block_size, compress_stride, backend_choice())
     return op(grad, input, weight, _cumulative(actual_seq_len, input.shape[0], "actual_seq_len", GRAD))
 
 
@@ -96,27 +99,31 @@ def _check_window_count(lengths, compress_block_size, compress_stride, rows):
                          f"compress_block_size = {compress_block_size} every compress_stride = {compress_stride}")
 
 
-def _attrs(op_name, compress_block_size, compress_stride):
+def _attrs(op_name, compress_block_size, compress_stride, backend="cpu"):
     return load_op_def(op_name).check_attrs(dict(compress_block_size=compress_block_size,
-                                                 compress_stride=compress_stride), "cpu")
+                                                 compress_stride=compress_stride), rules_for(backend))
 
 
-# Factories are lru_cache objects: graph mode runs them at compile time (constant arguments).
+# Factories are lru_cache objects: graph mode runs them at compile time (constant arguments). `backend`
+# is cpu, ascend or ascend_twin (the Ascend ops built for the CPU target: docs/ascend.md).
 @functools.lru_cache(maxsize=None, typed=True)
 def _grad_op(compress_block_size, compress_stride, backend):
-    cpu_only(_function_name(GRAD), backend)
+    if backend != "cpu":
+        return ascend.grad_op(compress_block_size, compress_stride, backend == "ascend_twin")
     return _cpu_kernels.build_op(load_op_def(GRAD), _attrs(GRAD, compress_block_size, compress_stride))
 
 
 @functools.lru_cache(maxsize=256, typed=True)
 def _forward_op(compress_block_size, compress_stride, lengths, backend):
-    cpu_only(_function_name(OP), backend)
-    attrs = _attrs(OP, compress_block_size, compress_stride)
+    attrs = _attrs(OP, compress_block_size, compress_stride, backend)
+    windows = window_count(lengths, attrs["compress_block_size"], attrs["compress_stride"])
+    if backend != "cpu":
+        return ascend.forward_op(attrs["compress_block_size"], attrs["compress_stride"], windows,
+                                 backend == "ascend_twin")
     backward = _grad_op(attrs["compress_block_size"], attrs["compress_stride"], backend)
 
     def bprop(input, weight, actual_seq_len, out, dout):  # noqa: A002
         input_grad, weight_grad = backward(dout, input, weight, actual_seq_len)
         return input_grad, weight_grad, ops.zeros_like(actual_seq_len)
 
-    windows = window_count(lengths, attrs["compress_block_size"], attrs["compress_stride"])
     return _cpu_kernels.build_op(load_op_def(OP), attrs, bprop=bprop, derived_dims={"Tc": windows})

@@ -1,4 +1,6 @@
-"""nsa_compress_attention and nsa_compress_attention_grad: the functional API and its CPU primitives.
+"""nsa_compress_attention and nsa_compress_attention_grad: the functional API and its CPU primitives (the
+Ascend ones are in ascend.py, called with the same inputs; the backend is chosen per call, at compile
+time in graph mode).
 
 Absent optional inputs (atten_mask, topk_mask, actual_sel_seq_kvlen) are passed to the kernel as
 placeholders with a has_<name> attribute, so every primitive has the same inputs and one bprop.
@@ -10,9 +12,9 @@ import functools
 from mindspore import Tensor, ops
 
 from .. import _cpu_kernels
-from .._ops_common import backend_name, cpu_only, placeholder_mask
-from ..functional import _check_lengths_paired, _constant_cumulative, _cumulative, _expect_tensors, \
-    _function_name
+from .._ops_common import backend_choice, placeholder_mask
+from . import ascend
+from ..functional import _check_lengths_paired, _constant_cumulative, _cumulative, _expect_tensors
 from ..op_def import load_op_def
 
 OP, GRAD = "nsa_compress_attention", "nsa_compress_attention_grad"
@@ -56,7 +58,7 @@ def nsa_compress_attention(query, key, value, scale_value, head_num, compress_bl
     _expect_tensors(OP, query, key, value)
     op = _forward_op(scale_value, head_num, compress_block_size, compress_stride, select_block_size,
                      select_block_count, atten_mask is not None, topk_mask is not None,
-                     actual_sel_seq_kvlen is not None, backend_name())
+                     actual_sel_seq_kvlen is not None, backend_choice())
     cu_q, cu_kv = _lengths(actual_seq_qlen, actual_cmp_seq_kvlen, query.shape[0], key.shape[0], OP)
     cu_sel = cu_kv if actual_sel_seq_kvlen is None else _selection_lengths(actual_sel_seq_kvlen)
     atten_mask = placeholder_mask() if atten_mask is None else atten_mask
@@ -79,7 +81,7 @@ def nsa_compress_attention_grad(grad, query, key, value, attention_out, softmax_
     """
     _expect_tensors(GRAD, grad, query, key, value, attention_out, softmax_max, softmax_sum)
     op = _grad_op(scale_value, head_num, compress_block_size, compress_stride, select_block_size, select_block_count,
-                  atten_mask is not None, backend_name())
+                  atten_mask is not None, backend_choice())
     cu_q, cu_kv = _lengths(actual_seq_qlen, actual_cmp_seq_kvlen, query.shape[0], key.shape[0], GRAD)
     atten_mask = placeholder_mask() if atten_mask is None else atten_mask
     return op(query, key, value, attention_out, grad, softmax_max, softmax_sum, atten_mask, cu_q, cu_kv)
@@ -114,11 +116,14 @@ _ATTR_ORDER = ("scale_value", "head_num", "compress_block_size", "compress_strid
                "select_block_count")
 
 
-# Factories are lru_cache objects: graph mode runs them at compile time (constant arguments).
+# Factories are lru_cache objects: graph mode runs them at compile time (constant arguments). `backend`
+# is cpu, ascend or ascend_twin (the Ascend ops built for the CPU target: docs/ascend.md).
 @functools.lru_cache(maxsize=None, typed=True)
 def _grad_op(scale_value, head_num, compress_block_size, compress_stride, select_block_size, select_block_count,
              has_atten_mask, backend):
-    cpu_only(_function_name(GRAD), backend)
+    if backend != "cpu":
+        return ascend.grad_op(scale_value, head_num, compress_block_size, compress_stride, select_block_size,
+                              select_block_count, has_atten_mask, backend == "ascend_twin")
     attrs = _attrs(GRAD, scale_value, head_num, compress_block_size, compress_stride, select_block_size,
                    select_block_count)
     return _cpu_kernels.build_op(load_op_def(GRAD), attrs, absent=() if has_atten_mask else ("atten_mask",),
@@ -128,7 +133,10 @@ def _grad_op(scale_value, head_num, compress_block_size, compress_stride, select
 @functools.lru_cache(maxsize=None, typed=True)
 def _forward_op(scale_value, head_num, compress_block_size, compress_stride, select_block_size, select_block_count,
                 has_atten_mask, has_topk_mask, has_sel_lengths, backend):
-    cpu_only(_function_name(OP), backend)
+    if backend != "cpu":
+        return ascend.forward_op(scale_value, head_num, compress_block_size, compress_stride, select_block_size,
+                                 select_block_count, has_atten_mask, has_topk_mask, has_sel_lengths,
+                                 backend == "ascend_twin")
     attrs = _attrs(OP, scale_value, head_num, compress_block_size, compress_stride, select_block_size,
                    select_block_count)
     backward = _grad_op(*(attrs[name] for name in _ATTR_ORDER), has_atten_mask, backend)
