@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets up everything it needs, then runs a job:
 #   bash run.sh demo    train a small model on NsaSelectAttention in graph mode, then check the op
-#   bash run.sh test    the test suite (what CI runs)
+#   bash run.sh test    the test suite (what CI runs); bash run.sh test tests/x.py ... runs only those
 #   bash run.sh bench   the CPU benchmark (benchmarks/bench_cpu.py)
 # Set-up, every time (fast when already done): a venv in .venv with ms_nsa's dependencies as
 # pyproject.toml declares them (with the test and demo extras), and the package installed in editable
@@ -41,7 +41,10 @@ case "$job" in
     ;;
   test)
     setup
-    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@"
+    # Test files or node ids among the arguments replace the whole suite (bash run.sh test tests/x.py -x).
+    targets=(tests)
+    for arg in "$@"; do [[ $arg == -* ]] || { targets=(); break; }; done
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${targets[@]}" "$@"
     ;;
   bench)
     setup
