@@ -21,30 +21,24 @@ shape (the compressed token count included) follows from T and the number of seq
 """
 from __future__ import annotations
 
-import functools
-import math
-import numbers
-
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from . import _backend
-from .compress.api import OP as COMPRESS_OP, compress_rows
-from .compress_attention import nsa_compress_attention
-from .compress_attention.api import OP as COMPRESS_ATTENTION_OP
-from .functional import nsa_select_attention
-from .op_def import FORWARD as SELECT_OP, load_op_def
-from .window import nsa_window_attention
-from .window.api import OP as WINDOW_OP
+# Absolute imports, and every helper from a module: ms.amp's O1 rewrite re-creates the Cells it parses
+# from their module's source in a new file, repeating only the import statements.
+from ms_nsa import _backend
+from ms_nsa._layer_common import BRANCHES, LAYER, check_branches, check_input, check_length_tensor, \
+    check_length_values, check_ops_accept, check_positive_int, check_rope, check_token_count, compressed_token_count, \
+    context_mode, cumulative_lengths, project, reject_length_constant, rotary_constants, rotary_tables, rotate, \
+    sequence_positions
+from ms_nsa.compress.api import compress_rows
+from ms_nsa.compress_attention import nsa_compress_attention
+from ms_nsa.functional import nsa_select_attention
+from ms_nsa.window import nsa_window_attention
 
-BRANCHES = ("compressed", "selected", "window")
-LAYER = "NativeSparseAttention"
-_FLOAT_DTYPES = (ms.float32, ms.float16, ms.bfloat16)
-
-# Runs at compile time in graph mode (a C-level callable, not parsed), on every call in PyNative.
-_at_compile_time = functools.lru_cache(maxsize=0)
+__all__ = ["NativeSparseAttention", "BRANCHES"]
 
 
 class NativeSparseAttention(nn.Cell):
@@ -105,7 +99,7 @@ class NativeSparseAttention(nn.Cell):
         for name, value in (("hidden_size", hidden_size), ("head_num", head_num), ("kv_head_num", kv_head_num),
                             ("head_dim", head_dim), ("value_head_dim", value_head_dim),
                             ("select_local_blocks", select_local_blocks)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         self.branches = check_branches(branches)
         if head_num % kv_head_num:
             raise ValueError(f"{LAYER}: head_num = {head_num} must be a multiple of kv_head_num = {kv_head_num} "
@@ -114,12 +108,7 @@ class NativeSparseAttention(nn.Cell):
             raise ValueError(f"{LAYER}: value_head_dim = {value_head_dim} is larger than head_dim = {head_dim}; the "
                              f"attention ops need value_head_dim <= head_dim: give a value_head_dim of at most "
                              f"{head_dim} (None means head_dim) or a larger head_dim")
-        if rope and head_dim % 2:
-            raise ValueError(f"{LAYER}: rope=True rotates pairs of channels, so head_dim must be even, got "
-                             f"head_dim = {head_dim}")
-        if rope and (isinstance(rope_base, bool) or not isinstance(rope_base, numbers.Real)
-                     or not math.isfinite(rope_base) or rope_base <= 1):
-            raise ValueError(f"{LAYER}: rope_base must be a finite number > 1 (10000 is usual), got {rope_base!r}")
+        check_rope(rope, rope_base, head_dim)
         self.use_compressed = "compressed" in self.branches
         self.use_selected = "selected" in self.branches
         self.use_window = "window" in self.branches
@@ -136,7 +125,8 @@ class NativeSparseAttention(nn.Cell):
         self.select_local_blocks, self.window_size = select_local_blocks, window_size
         self.scale = head_dim ** -0.5
         self.rope = bool(rope)
-        _check_ops_accept(self, _backend.name())
+        self.needs_positions = self.rope or self.use_compressed
+        check_ops_accept(self, _backend.name())
 
         def weight(name, *shape):
             return Parameter(initializer(Normal(init_std), shape, ms.float32), name=name)
@@ -155,10 +145,19 @@ class NativeSparseAttention(nn.Cell):
         self.b_gate = Parameter(Tensor(np.zeros(head_num * len(self.branches), np.float32)), name="b_gate")
         self.w_o = weight("w_o", head_num * value_head_dim, hidden_size)
         if self.rope:
-            self.rope_frequencies = Tensor(
-                (float(rope_base) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32))
+            self.rope_frequencies, self.rope_rotation = rotary_constants(head_dim, rope_base)
 
     def construct(self, x, actual_seq_len=None):
+        # The work is in a staticmethod: ms.amp's O1 pass (a source rewrite, ms.rewrite) parses the
+        # construct of custom Cells and every function it reaches outside site-packages, which fails on
+        # the compile-time helpers (lru_cache objects) here and in the ops' API; a staticmethod call it
+        # leaves as it is. The layer manages its precision itself (projections in float32, the ops in
+        # x's dtype), so under O1 it computes what it computes without amp.
+        out = self._attention(self, x, actual_seq_len)
+        return out
+
+    @staticmethod
+    def _attention(self, x, actual_seq_len):  # pylint: disable=bad-staticmethod-argument
         check_input(LAYER, x.shape, x.dtype, self.hidden_size)
         if actual_seq_len is not None:
             if isinstance(actual_seq_len, Tensor):
@@ -166,46 +165,48 @@ class NativeSparseAttention(nn.Cell):
             else:
                 reject_length_constant(LAYER, actual_seq_len)
         tokens = x.shape[0]
-        _check_token_count(tokens, self.select_block_size, self.select_block_count, self.use_compressed)
-        if _pynative() and actual_seq_len is not None:
+        check_token_count(tokens, self.select_block_size, self.select_block_count, self.use_compressed)
+        if context_mode() == ms.PYNATIVE_MODE and actual_seq_len is not None:
             self.check_lengths(actual_seq_len, tokens)
-        cu_seq_len, position = sequence_positions(tokens, actual_seq_len)
+        cu_seq_len = cumulative_lengths(tokens, actual_seq_len)
         dtype = x.dtype
         xf = x.astype(ms.float32)
-        q = _project(xf, self.w_q).reshape(tokens, self.head_num, self.head_dim)
-        kv = _project(xf, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
+        q = project(xf, self.w_q).reshape(tokens, self.head_num, self.head_dim)
+        kv = project(xf, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
                                              self.head_dim + self.value_head_dim)
-        gates = ops.sigmoid(_project(xf, self.w_gate) + self.b_gate).reshape(tokens, self.head_num,
+        gates = ops.sigmoid(project(xf, self.w_gate) + self.b_gate).reshape(tokens, self.head_num,
                                                                                len(self.branches))
+        # Only what a configuration uses is computed: graph mode's parameter elimination fails on
+        # unused values that depend on the inputs ("The pointer[manager] is null").
+        position = sequence_positions(tokens, cu_seq_len) if self.needs_positions else None
+        rotary = rotary_tables(position, (self.rope_frequencies, self.rope_rotation)) if self.rope else None
         if self.rope:
-            cos, sin = _rotary_tables(position, self.rope_frequencies)
-            q = rotate(q, cos, sin)
+            q = rotate(q, rotary)
 
-        # q stays float32 and is cast once per op: its three gradients then add up in float32 (the CPU
-        # graph backend has no bfloat16 AddN). Branch outputs [T, N1, Dv], in the order of self.branches (the slots of kv and
-        # gates); that order is canonical: compressed is slot 0, selected slot 1, window the last.
+        # q stays float32 and is cast once per op: its gradients then add up in float32 (the CPU graph
+        # backend has no bfloat16 AddN). Branch outputs [T, N1, Dv] in the order of self.branches (the
+        # slots of kv and gates), which is canonical: compressed is slot 0, selected 1, window the last.
         outs = ()
         if self.use_compressed:
-            key, value = self._kv_slot(kv, 0, position, dtype)
+            key, value = self._kv_slot(kv, 0, rotary, dtype)
             compressed, topk_indices = self.compressed(q.astype(dtype), key, value, cu_seq_len, position)
             outs += (compressed,)
             if self.use_selected:
-                key, value = self._kv_slot(kv, 1, position, dtype)
+                key, value = self._kv_slot(kv, 1, rotary, dtype)
                 outs += (self.selected(q.astype(dtype), key, value, topk_indices, cu_seq_len),)
         if self.use_window:
-            key, value = self._kv_slot(kv, len(self.branches) - 1, position, dtype)
+            key, value = self._kv_slot(kv, len(self.branches) - 1, rotary, dtype)
             outs += (self.window(q.astype(dtype), key, value, cu_seq_len),)
         out = gates[:, :, 0:1] * outs[0].astype(ms.float32)
         for slot in range(1, len(self.branches)):
             out = out + gates[:, :, slot:slot + 1] * outs[slot].astype(ms.float32)
-        return _project(out.reshape(tokens, self.head_num * self.value_head_dim), self.w_o).astype(dtype)
+        return project(out.reshape(tokens, self.head_num * self.value_head_dim), self.w_o).astype(dtype)
 
-    def _kv_slot(self, kv, slot, position, dtype):
+    def _kv_slot(self, kv, slot, rotary, dtype):
         """The keys [T, N2, D] (rotated if rope) and values [T, N2, Dv] of the branch in `slot`, in dtype."""
         key, value = kv[:, slot, :, :self.head_dim], kv[:, slot, :, self.head_dim:]
         if self.rope:
-            cos, sin = _rotary_tables(position, self.rope_frequencies)
-            key = rotate(key, cos, sin)
+            key = rotate(key, rotary)
         return key.astype(dtype), value.astype(dtype)
 
     def compressed(self, q, key, value, cu_seq_len, position):
@@ -227,9 +228,12 @@ class NativeSparseAttention(nn.Cell):
         block = ops.arange(tokens // l_sel, dtype=ms.int32).reshape(1, -1)
         forced = ops.logical_or(block == 0, ops.logical_and(block <= own_block,
                                                             block > own_block - self.select_local_blocks))
-        out, topk_indices, _, _ = nsa_compress_attention(
+        # Outputs read by index: unpacking unused ones into `_` leaves tuple_getitem nodes that graph
+        # mode's auto-monad pass reports as "side effect nodes eliminated by mistake".
+        outputs = nsa_compress_attention(
             q, cmp_key, cmp_value, self.scale, self.head_num, l, d, l_sel, self.select_block_count,
             topk_mask=forced, atten_mask=future, actual_seq_qlen=cu_seq_len, actual_cmp_seq_kvlen=cu_cmp)
+        out, topk_indices = outputs[0], outputs[1]
         # The first l - 1 positions of a sequence see no compressed token: the op averages every
         # compressed value of the sequence there (CANN's rule), future ones included. They get zero
         # (in float32: MindSpore's CPU graph kernels do not even reshape bfloat16).
@@ -238,16 +242,14 @@ class NativeSparseAttention(nn.Cell):
 
     def selected(self, q, key, value, topk_indices, cu_seq_len):
         """Token-level attention over the chosen blocks, causal (sparse_mode=2): [T, N1, Dv]."""
-        out, _, _ = nsa_select_attention(q, key, value, topk_indices, self.scale, self.head_num,
-                                         self.select_block_size, self.select_block_count,
-                                         actual_seq_qlen=cu_seq_len, actual_seq_kvlen=cu_seq_len, sparse_mode=2)
-        return out
+        return nsa_select_attention(q, key, value, topk_indices, self.scale, self.head_num, self.select_block_size,
+                                    self.select_block_count, actual_seq_qlen=cu_seq_len, actual_seq_kvlen=cu_seq_len,
+                                    sparse_mode=2)[0]
 
     def window(self, q, key, value, cu_seq_len):
         """Causal sliding-window attention over the last window_size tokens of the sequence: [T, N1, Dv]."""
-        out, _, _ = nsa_window_attention(q, key, value, self.scale, self.head_num, self.window_size,
-                                         actual_seq_len=cu_seq_len)
-        return out
+        return nsa_window_attention(q, key, value, self.scale, self.head_num, self.window_size,
+                                    actual_seq_len=cu_seq_len)[0]
 
     def check_lengths(self, actual_seq_len, tokens):
         """Raises the layer's ValueError if these cumulative lengths do not suit it (host values).
@@ -256,7 +258,7 @@ class NativeSparseAttention(nn.Cell):
         is compiled, so a bad length is found by a kernel (a RuntimeError naming the op): call
         `layer.check_lengths(actual_seq_len, T)` on your batches before a long graph-mode run."""
         values = actual_seq_len.asnumpy() if isinstance(actual_seq_len, Tensor) else np.asarray(actual_seq_len)
-        _check_length_values(tuple(int(v) for v in values.reshape(-1)), tokens, self.select_block_size,
+        check_length_values(tuple(int(v) for v in values.reshape(-1)), tokens, self.select_block_size,
                              self.select_block_count, self.use_compressed)
 
     def extend_repr(self):
@@ -266,173 +268,3 @@ class NativeSparseAttention(nn.Cell):
                 f"select_block_size={self.select_block_size}, select_block_count={self.select_block_count}, "
                 f"select_local_blocks={self.select_local_blocks}, window_size={self.window_size}, "
                 f"branches={self.branches}, rope={self.rope}")
-
-
-# -- shared with the equal-blocks variant (nsa_layer_equal_blocks.py) --------------------------------
-
-def check_branches(branches):
-    """The branch names in canonical order (selection needs the compressed branch, which comes first)."""
-    if isinstance(branches, str) or not isinstance(branches, (tuple, list)):
-        raise TypeError(f"{LAYER}: branches must be a tuple of names from {BRANCHES}, got {branches!r}")
-    unknown = [b for b in branches if b not in BRANCHES]
-    if unknown or not branches or len(set(branches)) != len(tuple(branches)):
-        raise ValueError(f"{LAYER}: branches must be distinct names from {BRANCHES}, got {branches!r}")
-    if "selected" in branches and "compressed" not in branches:
-        raise ValueError(f"{LAYER}: the selected branch takes its blocks from the compressed branch's top-k; "
-                         f"add 'compressed' to branches")
-    return tuple(b for b in BRANCHES if b in branches)
-
-
-@functools.lru_cache(maxsize=None)
-def check_input(layer, shape, dtype, hidden_size):
-    """x is [T, hidden_size] of a float dtype (compile time in graph mode)."""
-    if len(shape) != 2:
-        hint = ""
-        if len(shape) == 3:
-            batch, seq, width = shape
-            hint = (f": a batch of {batch} sequences of {seq} tokens is passed packed, as "
-                    f"x.reshape({batch * seq}, {width}) with actual_seq_len = "
-                    f"Tensor(np.arange(1, {batch + 1}) * {seq}) (cumulative lengths)")
-        raise ValueError(f"{layer}: x must be 2-D [T, hidden_size] (the sequences of a batch packed one after "
-                         f"another), got shape {tuple(shape)}{hint}")
-    if shape[1] != hidden_size:
-        raise ValueError(f"{layer}: x.shape[1] = {shape[1]} must equal hidden_size = {hidden_size}")
-    if shape[0] < 1:
-        raise ValueError(f"{layer}: x has no tokens (shape {tuple(shape)})")
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{layer}: x has dtype {dtype}; allowed: float32, float16, bfloat16")
-
-
-@functools.lru_cache(maxsize=None)
-def check_length_tensor(layer, dtype, ndim):
-    if dtype not in (ms.int32, ms.int64) or ndim != 1:
-        raise TypeError(f"{layer}: actual_seq_len must be a 1-D int32/int64 Tensor of cumulative lengths, got a "
-                        f"{ndim}-D Tensor of {dtype}: pass Tensor(np.cumsum(lengths).astype(np.int64)), e.g. "
-                        f"lengths 1024, 2048 -> Tensor([1024, 3072])")
-
-
-@_at_compile_time
-def reject_length_constant(layer, lengths):
-    """Tuples/lists (and any other non-Tensor) are refused: as graph constants they would recompile the
-    graph for every new value, and a length must be an int."""
-    raise TypeError(f"{layer}: actual_seq_len must be a 1-D int32/int64 Tensor of cumulative lengths (or None "
-                    f"for one sequence), got {type(lengths).__name__} {lengths!r}: pass "
-                    f"Tensor(np.array(...), ms.int64), e.g. lengths 1024, 2048 -> Tensor([1024, 3072]); a "
-                    f"Tensor's values may change from step to step without recompiling a graph")
-
-
-@_at_compile_time
-def _pynative():
-    return ms.get_context("mode") == ms.PYNATIVE_MODE
-
-
-def sequence_positions(tokens, actual_seq_len):
-    """(cumulative lengths [B] int64, each token's position in its sequence [T] int32), in-graph."""
-    if actual_seq_len is None:
-        cu_seq_len = ops.full((1,), tokens, dtype=ms.int64)
-    else:
-        cu_seq_len = actual_seq_len.astype(ms.int64)
-    rows = ops.arange(tokens, dtype=ms.int64)
-    sequence = ops.searchsorted(cu_seq_len, rows, right=True)
-    starts = ops.concat((ops.zeros((1,), ms.int64), cu_seq_len))
-    return cu_seq_len, (rows - ops.gather(starts, sequence, 0)).astype(ms.int32)
-
-
-def _project(x, weight):
-    # float32 whatever an amp pass did to the matmul (O1 runs MatMul in float16).
-    return ops.matmul(x, weight).astype(ms.float32)
-
-
-def _rotary_tables(position, frequencies):
-    """cos, sin [T, 1, D/2] float32 of the angles position * frequency."""
-    angles = position.astype(ms.float32).reshape(-1, 1) * frequencies.reshape(1, -1)
-    return ops.cos(angles).expand_dims(1), ops.sin(angles).expand_dims(1)
-
-
-def rotate(x, cos, sin):
-    """Rotary embedding of x [T, N, D] (channel i paired with i + D/2, as in GPT-NeoX / LLaMA)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return ops.concat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)
-
-
-def compressed_token_count(tokens, sequences, compress_block_size, compress_stride):
-    """nsa_compress's row count when every one of the `sequences` lengths (summing to `tokens`) is a
-    multiple of the stride d and at least the block l: sum_b (L_b - l) // d + 1 = T/d - B (ceil(l/d) - 1)."""
-    return tokens // compress_stride - sequences * (-(-compress_block_size // compress_stride) - 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _check_token_count(tokens, block, block_count, selection):
-    """Shapes are constants, so in graph mode this fails at compile time, with this message."""
-    if not selection:
-        return
-    if tokens % block:
-        raise ValueError(f"{LAYER}: the token count T = {tokens} (x.shape[0]) must be a multiple of "
-                         f"select_block_size = {block}: every sequence length must be one. Pad each "
-                         f"sequence to a multiple of {block} tokens (with zero loss weight on the padding)")
-    if tokens < block * block_count:
-        raise ValueError(f"{LAYER}: the token count T = {tokens} (x.shape[0]) is less than select_block_size "
-                         f"* select_block_count = {block} * {block_count} = {block * block_count}; every "
-                         f"sequence must be at least that long. Use longer (or padded) sequences, or a "
-                         f"smaller select_block_count or select_block_size")
-
-
-@functools.lru_cache(maxsize=None)
-def _check_length_values(values, tokens, block, block_count, selection):
-    previous = 0
-    for i, value in enumerate(values):
-        if value < previous:
-            raise ValueError(f"{LAYER}: actual_seq_len = {list(values)} decreases at entry {i} ({value} < "
-                             f"{previous}); it holds cumulative lengths (lengths 1024, 2048 -> [1024, 3072])")
-        previous = value
-    if not values or values[-1] != tokens:
-        hint = ""
-        if len(values) > 1 and sum(values) == tokens:
-            hint = f"; if these are per-sequence lengths, pass their running sum {list(np.cumsum(values))}"
-        raise ValueError(f"{LAYER}: actual_seq_len = {list(values)} must end at the token count T = {tokens} "
-                         f"(x.shape[0]): it holds cumulative lengths{hint}")
-    if not selection:
-        return
-    need = block * block_count
-    for i, (begin, end) in enumerate(zip((0,) + values[:-1], values)):
-        length = end - begin
-        if length % block or length < need:
-            raise ValueError(f"{LAYER}: actual_seq_len = {list(values)} gives sequence {i} a length of {length}; "
-                             f"every sequence must be a multiple of select_block_size = {block} and at least "
-                             f"select_block_size * select_block_count = {block} * {block_count} = {need} tokens "
-                             f"(the selected branch attends to select_block_count whole blocks of its own "
-                             f"sequence). Pad it (with zero loss weight on the padding), pack it together with "
-                             f"a neighbour, or use a smaller select_block_count / select_block_size")
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{LAYER}: {name} must be an int >= 1, got {value!r}")
-
-
-def _check_ops_accept(layer, backend):
-    """The configuration against each op's own rules (ops_yaml/: attributes, head counts and sizes), so a
-    bad one fails when the layer is built, with the op's rule and the layer's context."""
-    heads = dict(query=(1, layer.head_num, layer.head_dim), key=(1, layer.kv_head_num, layer.head_dim),
-                 value=(1, layer.kv_head_num, layer.value_head_dim))
-    common = dict(scale_value=layer.scale, head_num=layer.head_num)
-    checks = []
-    if layer.use_compressed:
-        compression = dict(compress_block_size=layer.compress_block_size, compress_stride=layer.compress_stride)
-        checks += [(COMPRESS_OP, compression, dict(input=(1, layer.kv_head_num, layer.head_dim))),
-                   (COMPRESS_ATTENTION_OP, dict(common, **compression, select_block_size=layer.select_block_size,
-                                                select_block_count=layer.select_block_count), heads)]
-    if layer.use_selected:
-        checks.append((SELECT_OP, dict(common, select_block_size=layer.select_block_size,
-                                       select_block_count=layer.select_block_count, sparse_mode=2), heads))
-    if layer.use_window:
-        checks.append((WINDOW_OP, dict(common, window_size=layer.window_size), heads))
-    for op_name, attrs, shapes in checks:
-        op_def = load_op_def(op_name)
-        try:
-            op_def.bind_dims(shapes, op_def.check_attrs(attrs, backend), backend)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{LAYER}: this configuration is outside what {op_name} supports on {backend} "
-                              f"(head_num = {layer.head_num}, kv_head_num = {layer.kv_head_num}, head_dim = "
-                              f"{layer.head_dim}, value_head_dim = {layer.value_head_dim}): {error}") from error

@@ -30,7 +30,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from .nn import NsaSelectAttention
-from .nsa_layer import BRANCHES, check_branches
+from ._layer_common import BRANCHES, check_branches
 
 # Masked scores are set to this finite value (not -inf) so that a row with nothing visible -- the
 # first block of every sequence sees no complete compressed block -- gives a finite softmax, which
