@@ -97,11 +97,14 @@ def _status_bytes(field):
     raise KeyError(field)
 
 
-def measure(layer_name, layout, tokens, config, runs, threads, timeout):
+def measure(layer_name, layout, tokens, config, runs, threads, timeout, wait_policy):
     command = [sys.executable, os.path.abspath(__file__), "--child", layer_name, layout, str(tokens),
                json.dumps(config), str(runs), str(threads)]
+    env = dict(os.environ)
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
     try:
-        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     if out.returncode != 0:
@@ -154,6 +157,25 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
+def markdown_table(rows):
+    """The docs' table (docs/training.md), one line per (T, layout)."""
+    lines = ["| T | layout | B | NSA s/step | NSA µs/token | NSA peak RSS | baseline s/step | baseline µs/token | "
+             "baseline peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = []
+        for name in ("nsa", "baseline"):
+            r = row[name]
+            if not r:
+                cells += ["–"] * 3
+            elif "error" in r:
+                cells += [f"failed: {r['error'][:60]}", "", ""]
+            else:
+                cells += [f"{r['seconds']:.2f}", f"{r['us_per_token']:.0f}", f"{r['peak_rss'] / GIB:.2f} GiB"]
+        sequences = row["nsa"].get("sequences", "–")
+        lines.append(f"| {row['tokens']} | {row['layout']} | {sequences} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _cell(result):
     if not result:
         return f"{'-':>10} {'-':>9} {'-':>9}"
@@ -172,6 +194,9 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed steps per size (median); 1 from T = 32768")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per child process")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY of the children ('' = OpenMP's default): on a shared machine, "
+                             "OpenMP threads that spin at barriers wait for CPU time others hold")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,24 +207,26 @@ def main():
     config = QUICK if args.quick else CONFIG
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     baseline_max = QUICK_TOKENS[0] if args.quick else args.baseline_max_tokens
-    print(f"NativeSparseAttention training step (fwd + bwd + SGD), GRAPH_MODE, float32, {args.threads} threads: "
-          f"{json.dumps(config)}")
+    print(f"NativeSparseAttention training step (fwd + bwd + SGD), GRAPH_MODE, float32, {args.threads} threads, "
+          f"OMP_WAIT_POLICY={args.omp_wait_policy or '(default)'}: {json.dumps(config)}")
     print(f"{'T':>6} {'layout':>7} {'B':>3} | {'NSA s':>10} {'µs/token':>9} {'peak GiB':>9} | "
           f"{'baseline s':>10} {'µs/token':>9} {'peak GiB':>9}")
     rows = []
     for t in tokens:
         runs = 1 if args.quick or t >= 32768 else args.runs
         for layout in args.layouts:
-            nsa = measure("nsa", layout, t, config, runs, args.threads, args.timeout)
+            nsa = measure("nsa", layout, t, config, runs, args.threads, args.timeout, args.omp_wait_policy)
             wanted = t <= baseline_max and not (args.quick and layout == "packed")   # quick: 3 children
-            baseline = measure("baseline", layout, t, config, runs, args.threads, args.timeout) if wanted else None
+            baseline = measure("baseline", layout, t, config, runs, args.threads, args.timeout,
+                                                   args.omp_wait_policy) if wanted else None
             rows.append({"tokens": t, "layout": layout, "nsa": nsa, "baseline": baseline})
             errors = "; ".join(f"{name}: {r['error']}" for name, r in (("NSA", nsa), ("baseline", baseline))
                                if r and "error" in r)
             print(f"{t:>6} {layout:>7} {nsa.get('sequences', '-'):>3} | {_cell(nsa)} | {_cell(baseline)} {errors}",
                   flush=True)
-    report = {"config": config, "threads": args.threads, "machine": platform.machine(), "cpus": os.cpu_count(),
+    report = {"config": config, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "machine": platform.machine(), "cpus": os.cpu_count(),
               "rows": rows, "targets": targets(rows)}
+    print(markdown_table(rows))
     print("targets:", json.dumps(report["targets"]))
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "bench_layer_quick" if args.quick else "bench_layer")
