@@ -1,5 +1,5 @@
 """Sliding-window attention: the fused op (ms_nsa.nsa_window_attention) against the stock-op window
-branch of NativeSparseAttention (ms_nsa/nsa_layer.py: gather a [T, N2, w, D] copy of keys and values,
+branch of the equal-blocks layer (ms_nsa/nsa_layer_equal_blocks.py: gather a [T, N2, w, D] copy of keys and values,
 matmul, masked softmax), forward + backward in GRAPH_MODE. A benchmark, not a test: it asserts nothing.
 
 Each (implementation, T) runs in its own child process, so each peak RSS (VmHWM after compiling and
@@ -33,7 +33,7 @@ def child(which, tokens, shape, runs, threads):
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
     import ms_nsa
-    from ms_nsa.nsa_layer import NativeSparseAttention, _sequence_geometry
+    from ms_nsa.nsa_layer_equal_blocks import EqualBlocksNativeSparseAttention, _sequence_geometry
     ms_nsa.set_num_threads(threads)
 
     n1, n2, dim, window = shape["q_heads"], shape["kv_heads"], shape["head_dim"], shape["window"]
@@ -50,7 +50,7 @@ def child(which, tokens, shape, runs, threads):
     class Stock(nn.Cell):
         def __init__(self):
             super().__init__()
-            self.layer = NativeSparseAttention(n1 * dim, n1, n2, dim, window_size=window, branches=("window",))
+            self.layer = EqualBlocksNativeSparseAttention(n1 * dim, n1, n2, dim, window_size=window, branches=("window",))
 
         def construct(self, query, key, value, weights):
             seq = _sequence_geometry(tokens, None, self.layer.block)

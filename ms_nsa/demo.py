@@ -37,7 +37,10 @@ QUERY_BASE = NEEDLE_BASE + NUM_KEYS * NUM_VALUES
 VOCAB = QUERY_BASE + NUM_KEYS
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
-BLOCK, COUNT, WINDOW = 16, 6, 32            # select_block_size, select_block_count, window_size
+# NSA's configuration scaled to the task: compression windows of 32 tokens every 16 (overlapping),
+# selection blocks of 32, 6 selected (the first block and the own block forced), a 32-token window.
+COMPRESS_BLOCK, COMPRESS_STRIDE = 32, 16    # compress_block_size, compress_stride
+BLOCK, COUNT, LOCAL, WINDOW = 32, 6, 1, 32  # select_block_size, select_block_count, select_local_blocks, window_size
 TOKENS, SEQUENCES = 1024, 3                 # per step: 3 packed sequences of random lengths
 MIN_SEQ_LEN = 256
 QUERIES = 16                                # query tokens closing each sequence
@@ -71,9 +74,10 @@ class RecallModel(nn.Cell):
         self.value_embedding = Parameter(table(NUM_VALUES + 1, HIDDEN, 1.0), name="value_embedding")
         key_of, value_of = token_fields()
         self.key_of, self.value_of = Tensor(key_of), Tensor(value_of)
-        self.attention = ms_nsa.nn.NativeSparseAttention(HIDDEN, HEADS, KV_HEADS, HEAD_DIM, select_block_size=BLOCK,
-                                                         select_block_count=COUNT, window_size=WINDOW,
-                                                         branches=branches, init_std=0.02)
+        self.attention = ms_nsa.nn.NativeSparseAttention(
+            HIDDEN, HEADS, KV_HEADS, HEAD_DIM, compress_block_size=COMPRESS_BLOCK, compress_stride=COMPRESS_STRIDE,
+            select_block_size=BLOCK, select_block_count=COUNT, select_local_blocks=LOCAL, window_size=WINDOW,
+            branches=branches, init_std=0.02)
         self.head = Parameter(table(HIDDEN, NUM_VALUES, HIDDEN ** -0.5), name="head")
         self.norm = nn.LayerNorm((HIDDEN,))
 
@@ -272,8 +276,9 @@ def main(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE)
     print(f"Multi-key recall: {NUM_KEYS} key->value needles within {NEEDLE_SPAN} tokens, > {WINDOW} tokens "
           f"before {QUERIES} queries; {SEQUENCES} packed sequences of >= {MIN_SEQ_LEN} tokens, T = {TOKENS}.\n"
-          f"NativeSparseAttention(hidden {HIDDEN}, N1={HEADS}, N2={KV_HEADS}, D={HEAD_DIM}, "
-          f"select_block_size={BLOCK}, select_block_count={COUNT}, window_size={WINDOW}), GRAPH_MODE, "
+          f"NativeSparseAttention(hidden {HIDDEN}, N1={HEADS}, N2={KV_HEADS}, D={HEAD_DIM}, compress_block_size="
+          f"{COMPRESS_BLOCK}, compress_stride={COMPRESS_STRIDE}, select_block_size={BLOCK}, select_block_count={COUNT}, "
+          f"select_local_blocks={LOCAL}, window_size={WINDOW}), GRAPH_MODE, "
           f"{args.steps} steps of Adam; chance = {1 / NUM_VALUES:.1%}")
     plot = have_matplotlib()
     if not plot:

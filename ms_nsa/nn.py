@@ -1,5 +1,7 @@
-"""`nn.Cell` faces: `ms_nsa.nn.NsaSelectAttention` and `ms_nsa.nn.NsaWindowAttention` (the ops) and
-`ms_nsa.nn.NativeSparseAttention` (the NSA layer)."""
+"""`nn.Cell` faces: `ms_nsa.nn.NsaSelectAttention` and `ms_nsa.nn.NsaWindowAttention` (the ops),
+`ms_nsa.nn.NativeSparseAttention` (the NSA layer on the fused ops) and
+`ms_nsa.nn.EqualBlocksNativeSparseAttention` (the earlier stock-op layer: baseline, and the layer that
+runs on Ascend today)."""
 from __future__ import annotations
 
 from mindspore import nn
@@ -67,6 +69,7 @@ class NsaSelectAttention(nn.Cell):
                 f"sparse_mode={self.sparse_mode}")
 
 
-# The full NSA layer lives in its own module; it builds on NsaSelectAttention above (imported last
-# because nsa_layer imports NsaSelectAttention from here).
+# The NSA layers live in their own modules; the equal-blocks one builds on NsaSelectAttention above
+# (imported last because it imports NsaSelectAttention from here).
 from .nsa_layer import NativeSparseAttention  # noqa: E402  pylint: disable=wrong-import-position
+from .nsa_layer_equal_blocks import EqualBlocksNativeSparseAttention  # noqa: E402  pylint: disable=wrong-import-position

@@ -1,25 +1,23 @@
-"""`NativeSparseAttention`: the full NSA attention layer (compressed + selected + sliding window).
+"""`NativeSparseAttention`: the NSA attention layer (compressed + selected + sliding window) on ms_nsa's
+fused ops.
 
-Native Sparse Attention (Yuan et al., 2025) runs three attention branches over the same queries and
-mixes them with learned per-head gates:
+Native Sparse Attention (Yuan et al., 2025) runs three attention branches over the same queries, each
+with its own keys and values, and mixes them with learned per-head sigmoid gates:
 
-- compressed: every query attends to one summary key/value per block of `select_block_size` past
-  tokens (a learned map of the block's keys / values);
-- selected: every query attends, token by token, to `select_block_count` whole blocks picked by the
-  compressed branch's attention probabilities (summed over the query heads of a KV group, so the
-  group shares one selection, as the op requires); the first block of the sequence and the block
-  holding the query itself are always picked;
-- sliding window: every query attends to its last `window_size` tokens.
-
-The selected branch is ms_nsa's `NsaSelectAttention` op (sparse_mode=2, causal); the rest is stock
-MindSpore ops, so the layer runs in PyNative and GRAPH_MODE and trains with autodiff.
+- compressed: `nsa_compress` turns every window of `compress_block_size` (l) keys / values, one
+  starting every `compress_stride` (d) tokens, into one compressed key / value (a learned weighted
+  sum, weights [l, N2]); `nsa_compress_attention` attends over the compressed tokens that end at or
+  before the query (the compressed-causal `atten_mask`) and ranks the selection blocks of
+  `select_block_size` (l') tokens by the attention probabilities, summed over the G query heads of a
+  KV group; the first block of the sequence and the `select_local_blocks` blocks ending at the query
+  (its own block and the ones before it) are forced through `topk_mask`;
+- selected: `nsa_select_attention` (sparse_mode=2, causal) attends, token by token, to the
+  `select_block_count` blocks the compressed branch picked;
+- sliding window: `nsa_window_attention` attends to the last `window_size` tokens.
 
 Input is a packed batch of sequences in one [T, hidden] tensor with cumulative sequence lengths
-(TND-style varlen). The op's contract carries over: every sequence length must be a multiple of
-`select_block_size` and at least `select_block_size * select_block_count` (see docs/training.md).
-
-Design choice: compression blocks are the selection blocks (the paper's l = d = l' case), so the
-compressed branch's probability of a block *is* that block's selection score, with no remapping.
+(TND-style varlen) as a 1-D int Tensor: new length values never recompile a graph, because every
+shape (the compressed token count included) follows from T and the number of sequences alone.
 """
 from __future__ import annotations
 
@@ -28,90 +26,107 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from .nn import NsaSelectAttention
+# Absolute imports, and every helper from a module: ms.amp's O1 rewrite re-creates the Cells it parses
+# from their module's source in a new file, repeating only the import statements.
+from ms_nsa import _backend
+from ms_nsa._layer_common import BRANCHES, LAYER, check_branches, check_input, check_length_tensor, \
+    check_length_values, check_ops_accept, check_positive_int, check_rope, check_token_count, compressed_token_count, \
+    context_mode, cumulative_lengths, project, reject_length_constant, rotary_constants, rotary_tables, rotate, \
+    sequence_positions
+from ms_nsa.compress.api import compress_rows
+from ms_nsa.compress_attention import nsa_compress_attention
+from ms_nsa.functional import nsa_select_attention
+from ms_nsa.window import nsa_window_attention
 
-BRANCHES = ("compressed", "selected", "window")
-
-# Masked scores are set to this finite value (not -inf) so that a row with nothing visible -- the
-# first block of every sequence sees no complete compressed block -- gives a finite softmax, which
-# the visibility mask then zeroes; -inf would turn it into NaN in the forward and the gradient.
-_MASKED_SCORE = -1e9
-# Selection ranks blocks by compressed-attention probability (in [0, G]); forced blocks rank above
-# every probability, blocks of other sequences below everything. Blocks of the query's own sequence
-# that lie in its future rank between the two: they are only picked when the query has fewer than
-# `select_block_count` past blocks, and then the op's causal mask (sparse_mode=2) hides them.
-_FORCED_RANK, _FUTURE_RANK, _OTHER_SEQUENCE_RANK = 1e4, -1.0, -1e4
+__all__ = ["NativeSparseAttention", "BRANCHES"]
 
 
 class NativeSparseAttention(nn.Cell):
     r"""NSA attention layer over a packed batch of sequences: [T, hidden_size] -> [T, hidden_size].
 
+    Defaults are the paper's configuration: l = 32, d = 16, l' = 64, n = 16 (the first block and
+    2 local blocks always selected), window 512.
+
     Args:
         hidden_size (int): model width (input and output features).
         head_num (int): N1, query heads.
-        kv_head_num (int): N2, key/value heads; head_num must be a multiple (G = N1 / N2 <= 32).
-        head_dim (int): D, query/key head size.
-        select_block_size (int): β, tokens per block (compression and selection), 16..128, multiple of 16.
-        select_block_count (int): C, blocks each query attends to in the selected branch, 1..32.
+        kv_head_num (int): N2, key/value heads per branch; head_num must be a multiple of it.
+        head_dim (int): D, query/key head size (even if rope=True).
+        compress_block_size (int): l, tokens per compressed key/value, 16..128, a multiple of 16.
+        compress_stride (int): d, tokens between two compression windows, 16..64, a multiple of 16, <= l.
+        select_block_size (int): l', tokens per selection block, 16..128, a multiple of 16 and of d, >= l.
+        select_block_count (int): n, blocks each query attends to in the selected branch, 1..32,
+            at least 1 + select_local_blocks.
         window_size (int): w, tokens each query sees in the sliding-window branch (itself included).
         value_head_dim (int, optional): Dv <= D; default D.
+        select_local_blocks (int): blocks ending at the query that are always selected (its own block
+            and the ones just before it), >= 1; default 2, as in the paper.
         branches (tuple of str): the branches to run, a subset of ("compressed", "selected",
             "window"); default all three. ("window",) is a sliding-window-only baseline. The selected
-            branch needs the compressed one (its block scores).
+            branch needs the compressed one (its top-k).
+        rope (bool): rotary position embedding on the queries and every branch's keys (before
+            compression), positions counted from 0 in each packed sequence; default False.
+        rope_base (float): the rotary base (theta), default 10000.
         init_std (float): standard deviation of the normal weight initialisation.
-        select_dtype (mindspore dtype, optional): the dtype the selected-attention op runs in (its
-            inputs are cast to it and its output back to float32); None runs it in float32. On
-            Ascend give ms.float16 or ms.bfloat16: CANN's op takes no float32.
 
     Inputs:
-        x (Tensor): [T, hidden_size] float32 (the CPU backend has no bfloat16 matmul), T a multiple
-            of select_block_size.
-        actual_seq_len (Tensor, tuple or list, optional): cumulative sequence lengths (1-D int32/int64
-            if a Tensor), last = T (e.g. lengths 256, 512 -> [256, 768]); None means one sequence. A
-            Tensor's values may change from step to step without recompiling a graph; on Ascend pass
-            a tuple (CANN takes the lengths as host integers).
+        x (Tensor): [T, hidden_size], float32, float16 or bfloat16. Projections, gates and the rotary
+            embedding run in float32 (the parameters are float32), the three attention ops in x's
+            dtype; the output has x's dtype.
+        actual_seq_len (Tensor, optional): cumulative sequence lengths, a 1-D int32/int64 Tensor whose
+            last entry is T (lengths 1024, 2048 -> [1024, 3072]); None means one sequence. With the
+            compressed branch, every sequence length must be a multiple of select_block_size and at
+            least select_block_size * select_block_count (see `check_lengths`).
 
     Outputs:
-        Tensor [T, hidden_size].
+        Tensor [T, hidden_size] in x's dtype.
 
     Examples:
         >>> import numpy as np, mindspore as ms, ms_nsa
         >>> attn = ms_nsa.nn.NativeSparseAttention(hidden_size=128, head_num=4, kv_head_num=2, head_dim=32,
-        ...                                        select_block_size=16, select_block_count=4, window_size=64)
-        >>> x = ms.Tensor(np.random.randn(192, 128).astype(np.float32))
-        >>> actual_seq_len = ms.Tensor(np.array([64, 64 + 128], np.int64))   # sequences of 64 and 128 tokens
+        ...                                        select_block_count=4, window_size=64)
+        >>> x = ms.Tensor(np.random.randn(768, 128).astype(np.float32))
+        >>> actual_seq_len = ms.Tensor(np.array([256, 256 + 512], np.int64))   # sequences of 256 and 512 tokens
         >>> attn(x, actual_seq_len).shape
-        (192, 128)
+        (768, 128)
     """
 
-    def __init__(self, hidden_size, head_num, kv_head_num, head_dim, select_block_size=64,
-                 select_block_count=16, window_size=512, value_head_dim=None, branches=BRANCHES,
-                 init_std=0.02, select_dtype=None):
+    def __init__(self, hidden_size, head_num, kv_head_num, head_dim, *, compress_block_size=32, compress_stride=16,
+                 select_block_size=64, select_block_count=16, window_size=512, value_head_dim=None,
+                 select_local_blocks=2, branches=BRANCHES, rope=False, rope_base=10000.0, init_std=0.02):
         super().__init__()
-        unknown = [b for b in branches if b not in BRANCHES]
-        if unknown or not branches or len(set(branches)) != len(tuple(branches)):
-            raise ValueError(f"NativeSparseAttention: branches must be distinct names from {BRANCHES}, "
-                             f"got {branches!r}")
-        if "selected" in branches and "compressed" not in branches:
-            raise ValueError("NativeSparseAttention: the selected branch ranks blocks by the compressed "
-                             "branch's attention; add 'compressed' to branches")
-        if head_num % kv_head_num:
-            raise ValueError(f"NativeSparseAttention: head_num ({head_num}) must be a multiple of "
-                             f"kv_head_num ({kv_head_num})")
-        if window_size < 1:
-            raise ValueError(f"NativeSparseAttention: window_size must be >= 1, got {window_size}")
-        branches = tuple(b for b in BRANCHES if b in branches)   # canonical order: selection needs compressed first
         value_head_dim = head_dim if value_head_dim is None else value_head_dim
+        for name, value in (("hidden_size", hidden_size), ("head_num", head_num), ("kv_head_num", kv_head_num),
+                            ("head_dim", head_dim), ("value_head_dim", value_head_dim),
+                            ("select_local_blocks", select_local_blocks)):
+            check_positive_int(name, value)
+        self.branches = check_branches(branches)
+        if head_num % kv_head_num:
+            raise ValueError(f"{LAYER}: head_num = {head_num} must be a multiple of kv_head_num = {kv_head_num} "
+                             f"(the query heads of a KV head share its keys and its block selection)")
+        if value_head_dim > head_dim:
+            raise ValueError(f"{LAYER}: value_head_dim = {value_head_dim} is larger than head_dim = {head_dim}; the "
+                             f"attention ops need value_head_dim <= head_dim: give a value_head_dim of at most "
+                             f"{head_dim} (None means head_dim) or a larger head_dim")
+        check_rope(rope, rope_base, head_dim)
+        self.use_compressed = "compressed" in self.branches
+        self.use_selected = "selected" in self.branches
+        self.use_window = "window" in self.branches
+        if self.use_compressed and select_local_blocks + 1 > select_block_count:
+            raise ValueError(f"{LAYER}: select_block_count = {select_block_count} leaves no room for the forced "
+                             f"blocks: the first block and select_local_blocks = {select_local_blocks} local blocks "
+                             f"are always selected, so select_block_count must be at least "
+                             f"{select_local_blocks + 1}; raise select_block_count or lower select_local_blocks")
         self.hidden_size, self.head_num, self.kv_head_num = hidden_size, head_num, kv_head_num
         self.group = head_num // kv_head_num
         self.head_dim, self.value_head_dim = head_dim, value_head_dim
-        self.block, self.block_count, self.window_size = select_block_size, select_block_count, window_size
-        self.branches = branches
-        self.use_compressed = "compressed" in branches
-        self.use_selected = "selected" in branches
-        self.use_window = "window" in branches
+        self.compress_block_size, self.compress_stride = compress_block_size, compress_stride
+        self.select_block_size, self.select_block_count = select_block_size, select_block_count
+        self.select_local_blocks, self.window_size = select_local_blocks, window_size
         self.scale = head_dim ** -0.5
-        self.select_dtype = select_dtype
+        self.rope = bool(rope)
+        self.needs_positions = self.rope or self.use_compressed
+        check_ops_accept(self, _backend.name())
 
         def weight(name, *shape):
             return Parameter(initializer(Normal(init_std), shape, ms.float32), name=name)
@@ -119,182 +134,137 @@ class NativeSparseAttention(nn.Cell):
         # One query projection shared by the branches; each branch has its own keys and values
         # (the paper's choice: it stops one branch's gradients from shaping another's keys).
         self.w_q = weight("w_q", hidden_size, head_num * head_dim)
-        kv_width = kv_head_num * (head_dim + value_head_dim)
-        self.w_kv = weight("w_kv", hidden_size, len(branches) * kv_width)
+        self.w_kv = weight("w_kv", hidden_size, len(self.branches) * kv_head_num * (head_dim + value_head_dim))
         if self.use_compressed:
-            # Block summary phi: a learned linear map of the block's flattened keys (values); being
-            # position-specific it plays the role of the paper's intra-block position encoding.
-            # Initialised to the block mean, so from the first step a block's summary key scores
-            # like its tokens do and the selection is meaningful before phi has learned anything.
-            self.w_compress_k = Parameter(_block_mean(select_block_size, head_dim), name="w_compress_k")
-            self.w_compress_v = Parameter(_block_mean(select_block_size, value_head_dim), name="w_compress_v")
-        if self.use_selected:
-            # Validates the attributes against the op's contract at construction time.
-            self.selected_attention = NsaSelectAttention(head_num, select_block_size, select_block_count,
-                                                         scale_value=self.scale, sparse_mode=2)
-        self.w_gate = weight("w_gate", hidden_size, head_num * len(branches))
-        self.b_gate = Parameter(Tensor(np.zeros(head_num * len(branches), np.float32)), name="b_gate")
+            # nsa_compress's weights [l, N2]: one weight per window position and head; initialised to the
+            # window mean, so a compressed key scores like its tokens do from the first step on.
+            mean = Tensor(np.full((compress_block_size, kv_head_num), 1.0 / compress_block_size, np.float32))
+            self.w_compress_k = Parameter(mean, name="w_compress_k")
+            self.w_compress_v = Parameter(Tensor(mean.asnumpy()), name="w_compress_v")
+        self.w_gate = weight("w_gate", hidden_size, head_num * len(self.branches))
+        self.b_gate = Parameter(Tensor(np.zeros(head_num * len(self.branches), np.float32)), name="b_gate")
         self.w_o = weight("w_o", head_num * value_head_dim, hidden_size)
+        if self.rope:
+            self.rope_frequencies, self.rope_rotation = rotary_constants(head_dim, rope_base)
 
     def construct(self, x, actual_seq_len=None):
+        # The work is in a staticmethod: ms.amp's O1 pass (a source rewrite, ms.rewrite) parses the
+        # construct of custom Cells and every function it reaches outside site-packages, which fails on
+        # the compile-time helpers (lru_cache objects) here and in the ops' API; a staticmethod call it
+        # leaves as it is. The layer manages its precision itself (projections in float32, the ops in
+        # x's dtype), so under O1 it computes what it computes without amp.
+        out = self._attention(self, x, actual_seq_len)
+        return out
+
+    @staticmethod
+    def _attention(self, x, actual_seq_len):  # pylint: disable=bad-staticmethod-argument
+        check_input(LAYER, x.shape, x.dtype, self.hidden_size)
+        if actual_seq_len is not None:
+            if isinstance(actual_seq_len, Tensor):
+                check_length_tensor(LAYER, actual_seq_len.dtype, actual_seq_len.ndim)
+            else:
+                reject_length_constant(LAYER, actual_seq_len)
         tokens = x.shape[0]
-        _check_token_count(tokens, self.block, self.block_count if self.use_selected else 1)
-        seq = _sequence_geometry(tokens, actual_seq_len, self.block)
-        q = ops.matmul(x, self.w_q).reshape(tokens, self.kv_head_num, self.group, self.head_dim)
-        kv = ops.matmul(x, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
-                                              self.head_dim + self.value_head_dim)
-        gates = ops.sigmoid(ops.matmul(x, self.w_gate) + self.b_gate).reshape(
-            tokens, self.kv_head_num, self.group, len(self.branches), 1)
+        check_token_count(tokens, self.select_block_size, self.select_block_count, self.use_compressed)
+        if context_mode() == ms.PYNATIVE_MODE and actual_seq_len is not None:
+            self.check_lengths(actual_seq_len, tokens)
+        cu_seq_len = cumulative_lengths(tokens, actual_seq_len)
+        dtype = x.dtype
+        xf = x.astype(ms.float32)
+        q = project(xf, self.w_q).reshape(tokens, self.head_num, self.head_dim)
+        kv = project(xf, self.w_kv).reshape(tokens, len(self.branches), self.kv_head_num,
+                                             self.head_dim + self.value_head_dim)
+        gates = ops.sigmoid(project(xf, self.w_gate) + self.b_gate).reshape(tokens, self.head_num,
+                                                                               len(self.branches))
+        # Only what a configuration uses is computed: graph mode's parameter elimination fails on
+        # unused values that depend on the inputs ("The pointer[manager] is null").
+        position = sequence_positions(tokens, cu_seq_len) if self.needs_positions else None
+        rotary = rotary_tables(position, (self.rope_frequencies, self.rope_rotation)) if self.rope else None
+        if self.rope:
+            q = rotate(q, rotary)
 
-        # Branch outputs [T, N2, G, Dv] in the order of self.branches (the slots of kv and gates);
-        # that order is canonical, so compressed is slot 0, selected slot 1 and window the last.
-        branch_outs = ()
+        # q stays float32 and is cast once per op: its gradients then add up in float32 (the CPU graph
+        # backend has no bfloat16 AddN). Branch outputs [T, N1, Dv] in the order of self.branches (the
+        # slots of kv and gates), which is canonical: compressed is slot 0, selected 1, window the last.
+        outs = ()
         if self.use_compressed:
-            compressed_out, block_probs = self.compressed(q, *self._kv_slot(kv, 0), seq)
-            branch_outs += (compressed_out,)
+            key, value = self._kv_slot(kv, 0, rotary, dtype)
+            compressed, topk_indices = self.compressed(q.astype(dtype), key, value, cu_seq_len, position)
+            outs += (compressed,)
             if self.use_selected:
-                topk_indices = self.select_blocks(block_probs, seq)
-                branch_outs += (self.selected(q, *self._kv_slot(kv, 1), topk_indices, seq, actual_seq_len),)
+                key, value = self._kv_slot(kv, 1, rotary, dtype)
+                outs += (self.selected(q.astype(dtype), key, value, topk_indices, cu_seq_len),)
         if self.use_window:
-            branch_outs += (self.window(q, *self._kv_slot(kv, len(self.branches) - 1), seq),)
-        out = gates[:, :, :, 0] * branch_outs[0]
+            key, value = self._kv_slot(kv, len(self.branches) - 1, rotary, dtype)
+            outs += (self.window(q.astype(dtype), key, value, cu_seq_len),)
+        out = gates[:, :, 0:1] * outs[0].astype(ms.float32)
         for slot in range(1, len(self.branches)):
-            out = out + gates[:, :, :, slot] * branch_outs[slot]
-        return ops.matmul(out.reshape(tokens, self.head_num * self.value_head_dim), self.w_o)
+            out = out + gates[:, :, slot:slot + 1] * outs[slot].astype(ms.float32)
+        return project(out.reshape(tokens, self.head_num * self.value_head_dim), self.w_o).astype(dtype)
 
-    def _kv_slot(self, kv, slot):
-        """The keys [T, N2, D] and values [T, N2, Dv] of the branch in `slot`."""
-        return kv[:, slot, :, :self.head_dim], kv[:, slot, :, self.head_dim:]
+    def _kv_slot(self, kv, slot, rotary, dtype):
+        """The keys [T, N2, D] (rotated if rope) and values [T, N2, Dv] of the branch in `slot`, in dtype."""
+        key, value = kv[:, slot, :, :self.head_dim], kv[:, slot, :, self.head_dim:]
+        if self.rope:
+            key = rotate(key, rotary)
+        return key.astype(dtype), value.astype(dtype)
 
-    def compressed(self, q, key, value, seq):
-        """Attention over block summaries; returns the output [T, N2, G, Dv] and the attention
-        probabilities of each complete past block of the query's sequence, [T, N2, G, T/β]."""
-        tokens, blocks = q.shape[0], q.shape[0] // self.block
-        sequence, block_sequence = seq[1], seq[4]
-        key_summary = _summarise_blocks(key, self.w_compress_k, self.block)       # [blocks, N2, D]
-        value_summary = _summarise_blocks(value, self.w_compress_v, self.block)   # [blocks, N2, Dv]
-        block_end = (ops.arange(blocks, dtype=ms.int32) + 1) * self.block - 1
-        visible = ops.logical_and(block_sequence.reshape(1, blocks) == sequence.reshape(tokens, 1),
-                                  block_end.reshape(1, blocks) <= ops.arange(tokens, dtype=ms.int32).reshape(
-                                      tokens, 1))                                  # [T, blocks]
-        scores = ops.matmul(q.transpose(1, 0, 2, 3).reshape(self.kv_head_num, tokens * self.group, self.head_dim),
-                            key_summary.transpose(1, 2, 0)) * self.scale            # [N2, T*G, blocks]
-        scores = scores.reshape(self.kv_head_num, tokens, self.group, blocks)
-        probs = _masked_softmax(scores, visible.reshape(1, tokens, 1, blocks))
-        out = ops.matmul(probs.reshape(self.kv_head_num, tokens * self.group, blocks), value_summary.transpose(1, 0, 2))
-        out = out.reshape(self.kv_head_num, tokens, self.group, self.value_head_dim).transpose(1, 0, 2, 3)
-        return out, probs.transpose(1, 0, 2, 3)
+    def compressed(self, q, key, value, cu_seq_len, position):
+        """The compressed branch: (output [T, N1, Dv] float32, topk_indices [T, N2, n] int32, batch-relative)."""
+        tokens, sequences = q.shape[0], cu_seq_len.shape[0]
+        l, d, l_sel = self.compress_block_size, self.compress_stride, self.select_block_size
+        rows = compressed_token_count(tokens, sequences, l, d)
+        # Every sequence length L_b is a multiple of d (of l', which d divides), so sequence b has
+        # L_b / d - (ceil(l / d) - 1) compressed tokens and their running sum is cu_b / d - (b + 1)(ceil(l / d) - 1).
+        cu_cmp = cu_seq_len // d - (ops.arange(sequences, dtype=ms.int64) + 1) * (-(-l // d) - 1)
+        cmp_key = compress_rows(key, self.w_compress_k.astype(q.dtype), l, d, cu_seq_len, rows)
+        cmp_value = compress_rows(value, self.w_compress_v.astype(q.dtype), l, d, cu_seq_len, rows)
+        # The masks' top-left corner serves every sequence (rows = positions in the sequence, columns =
+        # its compressed tokens / blocks), so [T, rows] and [T, T / l'] cover the longest one.
+        local_row = ops.arange(tokens, dtype=ms.int32).reshape(tokens, 1)
+        # Compressed token c covers positions c*d .. c*d + l - 1: the query at s sees it once s >= c*d + l - 1.
+        future = ops.arange(rows, dtype=ms.int32).reshape(1, rows) * d + (l - 1) > local_row
+        own_block = local_row // l_sel
+        block = ops.arange(tokens // l_sel, dtype=ms.int32).reshape(1, -1)
+        forced = ops.logical_or(block == 0, ops.logical_and(block <= own_block,
+                                                            block > own_block - self.select_local_blocks))
+        # Outputs read by index: unpacking unused ones into `_` leaves tuple_getitem nodes that graph
+        # mode's auto-monad pass reports as "side effect nodes eliminated by mistake".
+        outputs = nsa_compress_attention(
+            q, cmp_key, cmp_value, self.scale, self.head_num, l, d, l_sel, self.select_block_count,
+            topk_mask=forced, atten_mask=future, actual_seq_qlen=cu_seq_len, actual_cmp_seq_kvlen=cu_cmp)
+        out, topk_indices = outputs[0], outputs[1]
+        # The first l - 1 positions of a sequence see no compressed token: the op averages every
+        # compressed value of the sequence there (CANN's rule), future ones included. They get zero
+        # (in float32: MindSpore's CPU graph kernels do not even reshape bfloat16).
+        sees_one = (position >= l - 1).astype(ms.float32).reshape(tokens, 1, 1)
+        return out.astype(ms.float32) * sees_one, topk_indices
 
-    def select_blocks(self, block_probs, seq):
-        """topk_indices [T, N2, C] int32: per query and KV group, the C blocks of highest compressed
-        probability (summed over the group's heads), first and own block always included, as block
-        numbers relative to the sequence start. Indices are distinct and within the sequence."""
-        tokens, blocks = block_probs.shape[0], block_probs.shape[-1]
-        # Only the needed fields are read: unpacking into `_` leaves unused tuple_getitem nodes that
-        # graph mode's auto-monad pass reports as "side effect nodes eliminated by mistake".
-        sequence, first_block, block_sequence = seq[1], seq[3], seq[4]
-        importance = ops.stop_gradient(block_probs.sum(axis=2))                    # [T, N2, blocks]
-        block_ids = ops.arange(blocks, dtype=ms.int32).reshape(1, blocks)
-        own_block = (ops.arange(tokens, dtype=ms.int32) // self.block).reshape(tokens, 1)
-        first_block = first_block.reshape(tokens, 1)
-        same_sequence = block_sequence.reshape(1, blocks) == sequence.reshape(tokens, 1)
-        forced = ops.logical_or(block_ids == own_block, block_ids == first_block)
-        past = (block_ids <= own_block).reshape(tokens, 1, blocks)
-        rank = ops.where(past, importance, ops.full_like(importance, _FUTURE_RANK))
-        rank = ops.where(forced.reshape(tokens, 1, blocks), ops.full_like(rank, _FORCED_RANK), rank)
-        rank = ops.where(same_sequence.reshape(tokens, 1, blocks), rank,
-                         ops.full_like(rank, _OTHER_SEQUENCE_RANK))
-        chosen = ops.topk(rank, self.block_count)[1]                               # global block numbers
-        return (chosen.astype(ms.int32) - first_block.reshape(tokens, 1, 1)).astype(ms.int32)
+    def selected(self, q, key, value, topk_indices, cu_seq_len):
+        """Token-level attention over the chosen blocks, causal (sparse_mode=2): [T, N1, Dv]."""
+        return nsa_select_attention(q, key, value, topk_indices, self.scale, self.head_num, self.select_block_size,
+                                    self.select_block_count, actual_seq_qlen=cu_seq_len, actual_seq_kvlen=cu_seq_len,
+                                    sparse_mode=2)[0]
 
-    def selected(self, q, key, value, topk_indices, seq, actual_seq_len):
-        """Token-level attention over the chosen blocks (ms_nsa's op), [T, N2, G, Dv]."""
-        tokens = q.shape[0]
-        # The op takes the lengths as given (a tuple stays a tuple, as the Ascend backend needs).
-        lengths = seq[0] if isinstance(actual_seq_len, Tensor) else actual_seq_len
-        q = q.reshape(tokens, self.head_num, self.head_dim)
-        if self.select_dtype is not None:
-            q, key, value = q.astype(self.select_dtype), key.astype(self.select_dtype), value.astype(self.select_dtype)
-        out = self.selected_attention(q, key, value, topk_indices, lengths, lengths)
-        return out.astype(ms.float32).reshape(tokens, self.kv_head_num, self.group, self.value_head_dim)
+    def window(self, q, key, value, cu_seq_len):
+        """Causal sliding-window attention over the last window_size tokens of the sequence: [T, N1, Dv]."""
+        return nsa_window_attention(q, key, value, self.scale, self.head_num, self.window_size,
+                                    actual_seq_len=cu_seq_len)[0]
 
-    def window(self, q, key, value, seq):
-        """Causal sliding-window attention over the last window_size tokens of the sequence, [T, N2, G, Dv]."""
-        tokens, start = q.shape[0], seq[2]
-        positions = ops.arange(tokens, dtype=ms.int32).reshape(tokens, 1)
-        key_rows = positions - self.window_size + 1 + ops.arange(self.window_size, dtype=ms.int32).reshape(1, -1)
-        visible = key_rows >= start.reshape(tokens, 1)                         # [T, w]
-        key_rows = ops.maximum(key_rows, 0)
-        window_keys = _gather_rows(key, key_rows)                                   # [T, N2, w, D]
-        window_values = _gather_rows(value, key_rows)                               # [T, N2, w, Dv]
-        scores = ops.matmul(q, window_keys.swapaxes(-1, -2)) * self.scale          # [T, N2, G, w]
-        probs = _masked_softmax(scores, visible.reshape(tokens, 1, 1, self.window_size))
-        return ops.matmul(probs, window_values)
+    def check_lengths(self, actual_seq_len, tokens):
+        """Raises the layer's ValueError if these cumulative lengths do not suit it (host values).
+
+        PyNative calls run this on every call. In GRAPH_MODE the values are not known when the graph
+        is compiled, so a bad length is found by a kernel (a RuntimeError naming the op): call
+        `layer.check_lengths(actual_seq_len, T)` on your batches before a long graph-mode run."""
+        values = actual_seq_len.asnumpy() if isinstance(actual_seq_len, Tensor) else np.asarray(actual_seq_len)
+        check_length_values(tuple(int(v) for v in values.reshape(-1)), tokens, self.select_block_size,
+                             self.select_block_count, self.use_compressed)
 
     def extend_repr(self):
         return (f"hidden_size={self.hidden_size}, head_num={self.head_num}, kv_head_num={self.kv_head_num}, "
                 f"head_dim={self.head_dim}, value_head_dim={self.value_head_dim}, "
-                f"select_block_size={self.block}, select_block_count={self.block_count}, "
-                f"window_size={self.window_size}, branches={self.branches}")
-
-
-def _check_token_count(tokens, block, block_count):
-    """Shapes are constants, so in graph mode this fails at compile time, with this message. The
-    selected branch attends to `block_count` whole blocks of each sequence, so no sequence, and hence
-    not T, may be shorter than that (the per-sequence rule is the kernel's, on the length values)."""
-    if tokens % block:
-        raise ValueError(f"NativeSparseAttention: the token count T = {tokens} must be a multiple of "
-                         f"select_block_size = {block} (every sequence length must be one)")
-    if tokens < block * block_count:
-        raise ValueError(f"NativeSparseAttention: the token count T = {tokens} is less than select_block_size "
-                         f"* select_block_count = {block} * {block_count} = {block * block_count}; every "
-                         f"sequence must be at least that long. Use longer (or padded) sequences, or a "
-                         f"smaller select_block_count or select_block_size")
-
-
-def _sequence_geometry(tokens, actual_seq_len, block):
-    """Where every token and block sits in the packed batch, computed in-graph from the lengths.
-
-    A plain tuple (graph mode compiled a namedtuple's field access into a slow, failing fallback):
-    (cu_seq_len [B] int64 as the op reads it, sequence [T] int32 (the token's sequence number),
-    start [T] int32 (first token of its sequence), first_block [T] int32 (first block of its
-    sequence), block_sequence [T/β] int32 (each block's sequence number))."""
-    if actual_seq_len is None:
-        cu_seq_len = ops.full((1,), tokens, dtype=ms.int64)
-    elif isinstance(actual_seq_len, Tensor):
-        cu_seq_len = actual_seq_len.astype(ms.int64)
-    else:
-        cu_seq_len = Tensor(actual_seq_len, ms.int64)
-    ends = cu_seq_len.astype(ms.int32).reshape(1, -1)
-    positions = ops.arange(tokens, dtype=ms.int32).reshape(tokens, 1)
-    ended = positions >= ends                                                       # [T, B]
-    sequence = ended.astype(ms.int32).sum(axis=1).astype(ms.int32)
-    start = ops.where(ended, ends, ops.zeros_like(ends)).max(axis=1)
-    block_sequence = sequence.reshape(tokens // block, block)[:, 0]
-    return cu_seq_len, sequence, start, start // block, block_sequence
-
-
-def _block_mean(block, dim):
-    """[β*d, d] weights that map a flattened block of β rows to their mean."""
-    return Tensor(np.tile(np.eye(dim, dtype=np.float32), (block, 1)) / block)
-
-
-def _summarise_blocks(x, weight, block):
-    """[T, N2, d] -> [T/β, N2, d]: each block's flattened rows mapped by `weight` [β*d, d]."""
-    tokens, heads, dim = x.shape
-    blocks = x.reshape(tokens // block, block, heads, dim).transpose(0, 2, 1, 3)
-    return ops.matmul(blocks.reshape(tokens // block, heads, block * dim), weight)
-
-
-def _masked_softmax(scores, visible):
-    """Softmax over the last axis restricted to `visible`; rows with nothing visible give zeros."""
-    probs = ops.softmax(ops.masked_fill(scores, ops.logical_not(visible), _MASKED_SCORE), axis=-1)
-    return probs * visible.astype(probs.dtype)
-
-
-def _gather_rows(x, rows):
-    """x [T, N2, d] gathered at token rows [T, w] for every head: [T, N2, w, d]."""
-    tokens, heads, dim = x.shape
-    width = rows.shape[1]
-    flat = (rows.reshape(tokens, 1, width) * heads + ops.arange(heads, dtype=ms.int32).reshape(1, heads, 1))
-    return ops.gather(x.reshape(tokens * heads, dim), flat.reshape(-1), 0).reshape(tokens, heads, width, dim)
+                f"compress_block_size={self.compress_block_size}, compress_stride={self.compress_stride}, "
+                f"select_block_size={self.select_block_size}, select_block_count={self.select_block_count}, "
+                f"select_local_blocks={self.select_local_blocks}, window_size={self.window_size}, "
+                f"branches={self.branches}, rope={self.rope}")

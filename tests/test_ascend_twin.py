@@ -197,7 +197,9 @@ def test_twin_follows_cann_where_the_backends_differ(mode, twin):
                                rtol=2e-3, atol=2e-3)
 
 
-# -- training through the Cell and through NativeSparseAttention --------------------------------------
+# -- training through the Cell and through the equal-blocks layer --------------------------------------
+# (EqualBlocksNativeSparseAttention: the layer whose only fused op is the selected one, so it runs on
+# the Ascend backend; NativeSparseAttention's other ops have no Ascend side yet.)
 class _Projected(nn.Cell):
     """q = x W (a trainable float32 W), then the op in float16; loss = mean(out²)."""
 
@@ -252,10 +254,10 @@ class _LayerLoss(nn.Cell):
 
 
 def _nsa_layer_grads(weights=None):
-    """NativeSparseAttention (two sequences of 32 tokens, the op in float16): loss and gradients."""
-    layer = ms_nsa.nn.NativeSparseAttention(hidden_size=32, head_num=2, kv_head_num=1, head_dim=128,
-                                            select_block_size=16, select_block_count=2, window_size=16,
-                                            select_dtype=ms.float16)
+    """EqualBlocksNativeSparseAttention (two sequences of 32 tokens, the op in float16): loss and gradients."""
+    layer = ms_nsa.nn.EqualBlocksNativeSparseAttention(hidden_size=32, head_num=2, kv_head_num=1, head_dim=128,
+                                                       select_block_size=16, select_block_count=2, window_size=16,
+                                                       select_dtype=ms.float16)
     params = layer.trainable_params()
     if weights is not None:
         for param, value in zip(params, weights):

@@ -1,4 +1,4 @@
-"""benchmarks/bench_cpu.py and bench_window.py still run (smoke tests of the scripts: no timing is asserted)."""
+"""benchmarks/bench_cpu.py, bench_window.py and bench_layer.py still run (smoke tests of the scripts: no timing is asserted)."""
 import json
 import os
 import subprocess
@@ -33,3 +33,19 @@ def test_quick_window_benchmark_runs():
     for row in report["results"]:
         for which in ("fused", "stock"):
             assert row[which]["seconds"] > 0 and row[which]["peak_rss"] > 0, row
+
+
+def test_quick_layer_benchmark_writes_its_json_and_plot(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layer.py"), "--quick",
+                             "--out-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "targets:" in result.stdout
+    with open(tmp_path / "bench_layer_quick.json") as f:
+        report = json.load(f)
+    assert {row["layout"] for row in report["rows"]} == {"one", "packed"}
+    for row in report["rows"]:
+        assert row["nsa"]["seconds"] > 0 and row["nsa"]["peak_rss"] > 0, row
+        assert row["nsa"]["sequences"] == (1 if row["layout"] == "one" else 2), row
+    assert any(row["baseline"] and row["baseline"]["seconds"] > 0 for row in report["rows"])
+    assert set(report["targets"]) >= {"peak_rss_16k_met", "time_per_token_met", "t65536_runs"}
+    assert (tmp_path / "bench_layer_quick.png").exists()

@@ -104,7 +104,7 @@ def test_graph_mode_cell_refuses_calls_after_a_data_error_and_a_new_wrapper_reco
 def test_layer_with_fewer_tokens_than_its_selection_raises_a_clear_error(mode):
     # Used to surface as MindSpore's "For primitive[TopK], the k must be in (0,12], but got 16".
     layer = ms_nsa.nn.NativeSparseAttention(hidden_size=64, head_num=4, kv_head_num=2, head_dim=16)
-    with pytest.raises(ValueError, match=r"token count T = 768 is less than select_block_size \* "
+    with pytest.raises(ValueError, match=r"token count T = 768 \(x.shape\[0\]\) is less than select_block_size \* "
                                          r"select_block_count = 64 \* 16 = 1024"):
         layer(Tensor(np.zeros((768, 64), np.float32)), Tensor(np.array([768])))
     window_only = ms_nsa.nn.NativeSparseAttention(hidden_size=64, head_num=4, kv_head_num=2, head_dim=16,

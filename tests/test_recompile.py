@@ -73,7 +73,8 @@ class Loss(nn.Cell):
 
 def make_loss():
     ms.set_seed(0)
-    layer = ms_nsa.nn.NativeSparseAttention(HIDDEN, 4, 2, 16, select_block_size=BLOCK, select_block_count=COUNT,
+    layer = ms_nsa.nn.NativeSparseAttention(HIDDEN, 4, 2, 16, compress_block_size=BLOCK, compress_stride=BLOCK,
+                                            select_block_size=BLOCK, select_block_count=COUNT, select_local_blocks=1,
                                             window_size=16)
     return Loss(layer), layer.trainable_params()
 

@@ -34,6 +34,10 @@ struct Tile {
   int64_t t0, rows;       // query rows [t0, t0 + rows)
   int64_t position0;      // batch-local position of t0
   int64_t kv_begin, kv_len;  // the batch's compressed keys
+  // Keys [live_len, kv_len) are masked for every row of the tile, and no row is fully masked: they get
+  // P = 0 and dS = 0, so they add exact zeros to every sum and are skipped (a causal mask halves the
+  // work). kv_len when nothing can be skipped. Set by set_live_lengths.
+  int64_t live_len;
 };
 
 // Query rows per tile: enough to fill `lanes` score columns with groups of G heads.
@@ -156,7 +160,8 @@ MS_NSA_INLINE void forward_item(const Tensors &x, const ForwardOut &o, const Til
   typedef typename Lanes<SW>::type V;
   const CompressAttentionProblem &p = *x.p;
   const int64_t group = p.q_heads / p.kv_heads, gp = padded_group(tile_rows(group, SW) * group, SW);
-  const int64_t D = p.qk_head_dim, Dv = p.v_head_dim, N2 = p.kv_heads, S = tile.kv_len, cols = tile.rows * group;
+  // S: the keys read (see Tile::live_len); keys S.. of the batch have P = 0 exactly.
+  const int64_t D = p.qk_head_dim, Dv = p.v_head_dim, N2 = p.kv_heads, S = tile.live_len, cols = tile.rows * group;
 
   load_columns<W>(p, x.query, tile, n, D, gp, s.q_t, nullptr, s.tmp);
   score_rows<SW>(x, x.key + (tile.kv_begin * N2 + n) * D, S, s.q_t, gp, s.scores);
@@ -187,7 +192,8 @@ MS_NSA_INLINE void forward_item(const Tensors &x, const ForwardOut &o, const Til
     std::fill_n(o.softmax_sum + column_offset(p, tile, n, c, 8), 8, row_sum[c]);
   }
 
-  const int64_t blocks = selection_blocks(p, S);
+  const int64_t blocks = selection_blocks(p, tile.kv_len);
+  std::fill(s.psum + S, s.psum + tile.kv_len, 0.0f);
   for (int64_t r = 0; r < tile.rows; ++r) {
     // P summed over the row's G heads, in head order, then mapped to selection blocks.
     for (int64_t k = 0; k < S; ++k) {
@@ -196,7 +202,7 @@ MS_NSA_INLINE void forward_item(const Tensors &x, const ForwardOut &o, const Til
       for (int64_t g = 0; g < group; ++g) total += sc[g];
       s.psum[k] = total;
     }
-    block_importance(p, s.psum, S, blocks, s.importance);
+    block_importance(p, s.psum, tile.kv_len, blocks, s.importance);
     if (p.topk_mask != nullptr) {
       const uint8_t *forced = p.topk_mask + (tile.position0 + r) * p.topk_mask_cols;
       for (int64_t j = 0; j < blocks; ++j) {
@@ -293,7 +299,7 @@ MS_NSA_INLINE void backward_query_item(const Tensors &x, const BackwardIn &in, c
   const int64_t D = p.qk_head_dim, cols = tile.rows * group;
   load_query_side<W>(x, in, tile, n, gp, s, delta_out, nullptr);
   std::fill_n(s.acc_k, cols * D, 0.0f);
-  for (int64_t key0 = 0; key0 < tile.kv_len; key0 += kKeyChunk) {
+  for (int64_t key0 = 0; key0 < tile.live_len; key0 += kKeyChunk) {   // later chunks: dS = 0
     const int64_t count = std::min(kKeyChunk, tile.kv_len - key0);
     chunk_gradients<SW>(x, tile, n, key0, count, gp, s);
     product<W, 4, 2, Update::kAccumulate>(cols, D, count, {s.dp, 1, gp},
@@ -320,6 +326,7 @@ MS_NSA_INLINE void backward_key_item(const Tensors &x, const BackwardIn &in, con
   std::fill_n(s.acc_v, count * Dv, 0.0f);
   for (int64_t i = 0; i < tile_count; ++i) {
     const Tile &tile = tiles[i];
+    if (key0 >= tile.live_len) continue;   // P = dS = 0 for the whole chunk: adds nothing
     const int64_t cols = tile.rows * group;
     load_query_side<W>(x, in, tile, n, gp, s, nullptr, delta);
     chunk_gradients<SW>(x, tile, n, key0, count, gp, s);

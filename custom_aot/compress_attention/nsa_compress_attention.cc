@@ -60,6 +60,29 @@ MS_NSA_FOR_EACH_ISA(MS_NSA_CMP_ENTRY_POINTS)
 
 const Kernels &active_kernels() { return MS_NSA_ACTIVE_KERNELS(Kernels); }
 
+// Tile::live_len from atten_mask: 1 + the last key any row of the tile sees; the batch's length if
+// some row of the tile sees no key (it averages every value, CANN's rule) or there is no mask.
+void set_live_lengths(const CompressAttentionProblem &p, std::vector<Tile> *tiles) {
+  if (p.atten_mask == nullptr) return;
+  const int64_t count = static_cast<int64_t>(tiles->size());
+#pragma omp parallel for num_threads(nsa_get_num_threads()) schedule(dynamic, 64)
+  for (int64_t i = 0; i < count; ++i) {
+    Tile &tile = (*tiles)[i];
+    int64_t live = 0;
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      const uint8_t *row = p.atten_mask + (tile.position0 + r) * p.atten_mask_cols;
+      int64_t last = tile.kv_len - 1;
+      while (last >= 0 && row[last] != 0) --last;
+      if (last < 0) {   // a fully masked row reads every key
+        live = tile.kv_len;
+        break;
+      }
+      live = std::max(live, last + 1);
+    }
+    tile.live_len = live;
+  }
+}
+
 // Every batch's query rows cut into tiles of `rows_per_tile`, in row order; tile_begin[b] is batch b's
 // first tile (tile_begin[B] = the tile count).
 struct Tiling {
@@ -74,10 +97,11 @@ Tiling make_tiles(const CompressAttentionProblem &p, int64_t rows_per_tile) {
     tiling.tile_begin.push_back(static_cast<int64_t>(tiling.tiles.size()));
     for (int64_t t0 = queries.begin(b); t0 < queries.end(b); t0 += rows_per_tile) {
       tiling.tiles.push_back({t0, std::min(rows_per_tile, queries.end(b) - t0), t0 - queries.begin(b),
-                              keys.begin(b), keys.length(b)});
+                              keys.begin(b), keys.length(b), keys.length(b)});
     }
   }
   tiling.tile_begin.push_back(static_cast<int64_t>(tiling.tiles.size()));
+  set_live_lengths(p, &tiling.tiles);
   return tiling;
 }
 

@@ -113,10 +113,32 @@ def _grad_op(compress_block_size, compress_stride, backend):
     return _cpu_kernels.build_op(load_op_def(GRAD), _attrs(GRAD, compress_block_size, compress_stride))
 
 
+def compress_rows(input, weight, compress_block_size, compress_stride, actual_seq_len, rows):  # noqa: A002
+    """nsa_compress for a caller that knows the output row count from shapes alone, with the lengths
+    as a 1-D int Tensor (new values do not recompile a graph). NativeSparseAttention uses it: every
+    sequence length there is a multiple of compress_stride, so the count depends only on T and B.
+    The kernel checks `rows` against the lengths' values (a ValueError, or a RuntimeError in graph
+    mode, if they disagree). Not part of the public API."""
+    _expect_tensors(OP, input, weight)
+    backend = backend_choice()
+    if backend != "cpu":  # CANN's op takes the lengths as a host list: Tensor lengths are the CPU kernel's
+        raise NotImplementedError(f"{_function_name(OP)}: lengths as a Tensor need the CPU backend (the current one is "
+                                  f"{backend!r}); CANN's aclnnNsaCompress takes them as a host list: call "
+                                  f"nsa_compress with a tuple of cumulative lengths")
+    op = _rows_op(compress_block_size, compress_stride, rows, backend)
+    return op(input, weight, _cumulative(actual_seq_len, input.shape[0], "actual_seq_len", OP))
+
+
 @functools.lru_cache(maxsize=256, typed=True)
 def _forward_op(compress_block_size, compress_stride, lengths, backend):
     attrs = _attrs(OP, compress_block_size, compress_stride, backend)
     windows = window_count(lengths, attrs["compress_block_size"], attrs["compress_stride"])
+    return _rows_op(attrs["compress_block_size"], attrs["compress_stride"], windows, backend)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _rows_op(compress_block_size, compress_stride, windows, backend):
+    attrs = _attrs(OP, compress_block_size, compress_stride, backend)
     if backend != "cpu":
         return ascend.forward_op(attrs["compress_block_size"], attrs["compress_stride"], windows,
                                  backend == "ascend_twin")
