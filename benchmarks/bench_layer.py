@@ -148,7 +148,8 @@ def plot(rows, path, title):
         rss_ax.plot(t, [p[1]["peak_rss"] / GIB for p in points], style, label=label, markersize=7)
     time_ax.set(xscale="log", xlabel="tokens T", ylabel="µs per token (fwd + bwd + SGD)", title="Time per token",
                 ylim=(0, None))
-    rss_ax.set(xscale="log", xlabel="tokens T", ylabel="peak RSS (GiB)", title="Peak RSS of the process", ylim=(0, None))
+    rss_ax.set(xscale="log", xlabel="tokens T", ylabel="peak RSS (GiB)", title="Peak RSS of the process",
+               ylim=(0, None))
     rss_ax.axhline(3, color="gray", linestyle=":", label="3 GiB target (T = 16k)")
     ticks = sorted({r["tokens"] for r in rows})
     for ax in (time_ax, rss_ax):
@@ -242,7 +243,8 @@ def main():
                                if r and "error" in r)
             print(f"{t:>6} {layout:>7} {nsa.get('sequences', '-'):>3} | {_cell(nsa)} | {_cell(baseline)} {errors}",
                   flush=True)
-    report = {"config": config, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "machine": platform.machine(), "cpus": os.cpu_count(),
+    report = {"config": config, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
+              "machine": platform.machine(), "cpus": os.cpu_count(),
               "rows": rows, "targets": targets(rows)}
     print(markdown_table(rows))
     print("targets:", json.dumps(report["targets"]))
