@@ -131,6 +131,7 @@ def plot(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     fig, (time_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4))
     series = [("nsa", "one", "NativeSparseAttention, one sequence", "o-"),
@@ -145,16 +146,28 @@ def plot(rows, path, title):
         t = [p[0] for p in points]
         time_ax.plot(t, [p[1]["us_per_token"] for p in points], style, label=label, markersize=7)
         rss_ax.plot(t, [p[1]["peak_rss"] / GIB for p in points], style, label=label, markersize=7)
-    time_ax.set(xscale="log", xlabel="tokens T", ylabel="µs per token (fwd + bwd + SGD)", title="Time per token")
-    rss_ax.set(xscale="log", xlabel="tokens T", ylabel="peak RSS (GiB)", title="Peak RSS of the process")
+    time_ax.set(xscale="log", xlabel="tokens T", ylabel="µs per token (fwd + bwd + SGD)", title="Time per token",
+                ylim=(0, None))
+    rss_ax.set(xscale="log", xlabel="tokens T", ylabel="peak RSS (GiB)", title="Peak RSS of the process",
+               ylim=(0, None))
     rss_ax.axhline(3, color="gray", linestyle=":", label="3 GiB target (T = 16k)")
+    ticks = sorted({r["tokens"] for r in rows})
     for ax in (time_ax, rss_ax):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 else str(t) for t in ticks])
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _title(config, threads):
+    return (f"NativeSparseAttention training step (hidden {config['hidden']}, N1 {config['heads']}, N2 "
+            f"{config['kv_heads']}, D {config['head_dim']}, l {config['compress_block_size']}, d "
+            f"{config['compress_stride']}, l' {config['select_block_size']}, n {config['select_block_count']}, "
+            f"w {config['window']}), float32, {threads} threads")
 
 
 def markdown_table(rows):
@@ -198,8 +211,14 @@ def main():
                         help="OMP_WAIT_POLICY of the children ('' = OpenMP's default): on a shared machine, "
                              "OpenMP threads that spin at barriers wait for CPU time others hold")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier run's JSON")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            report = json.load(f)
+        plot(report["rows"], args.replot[:-len(".json")] + ".png", _title(report["config"], report["threads"]))
+        return
     if args.child:
         layer_name, layout, tokens, config, runs, threads = args.child
         child(layer_name, layout, int(tokens), json.loads(config), int(runs), int(threads))
@@ -224,7 +243,8 @@ def main():
                                if r and "error" in r)
             print(f"{t:>6} {layout:>7} {nsa.get('sequences', '-'):>3} | {_cell(nsa)} | {_cell(baseline)} {errors}",
                   flush=True)
-    report = {"config": config, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "machine": platform.machine(), "cpus": os.cpu_count(),
+    report = {"config": config, "threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
+              "machine": platform.machine(), "cpus": os.cpu_count(),
               "rows": rows, "targets": targets(rows)}
     print(markdown_table(rows))
     print("targets:", json.dumps(report["targets"]))
@@ -233,9 +253,7 @@ def main():
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=1)
     try:
-        plot(rows, stem + ".png", f"NativeSparseAttention (hidden {config['hidden']}, N1 {config['heads']}, "
-                                  f"N2 {config['kv_heads']}, D {config['head_dim']}, window {config['window']}), "
-                                  f"{args.threads} threads")
+        plot(rows, stem + ".png", _title(config, args.threads))
     except ImportError:
         print("matplotlib is not installed: no plot")
     print(f"wrote {stem}.json")

@@ -277,7 +277,8 @@ def main(argv=None):
     print(f"Multi-key recall: {NUM_KEYS} key->value needles within {NEEDLE_SPAN} tokens, > {WINDOW} tokens "
           f"before {QUERIES} queries; {SEQUENCES} packed sequences of >= {MIN_SEQ_LEN} tokens, T = {TOKENS}.\n"
           f"NativeSparseAttention(hidden {HIDDEN}, N1={HEADS}, N2={KV_HEADS}, D={HEAD_DIM}, compress_block_size="
-          f"{COMPRESS_BLOCK}, compress_stride={COMPRESS_STRIDE}, select_block_size={BLOCK}, select_block_count={COUNT}, "
+          f"{COMPRESS_BLOCK}, compress_stride={COMPRESS_STRIDE}, select_block_size={BLOCK}, "
+          f"select_block_count={COUNT}, "
           f"select_local_blocks={LOCAL}, window_size={WINDOW}), GRAPH_MODE, "
           f"{args.steps} steps of Adam; chance = {1 / NUM_VALUES:.1%}")
     plot = have_matplotlib()

@@ -240,7 +240,8 @@ def _check_token_count(tokens, block, block_count):
         raise ValueError(f"EqualBlocksNativeSparseAttention: the token count T = {tokens} must be a multiple of "
                          f"select_block_size = {block} (every sequence length must be one)")
     if tokens < block * block_count:
-        raise ValueError(f"EqualBlocksNativeSparseAttention: the token count T = {tokens} is less than select_block_size "
+        raise ValueError(f"EqualBlocksNativeSparseAttention: the token count T = {tokens} is less than "
+                         f"select_block_size "
                          f"* select_block_count = {block} * {block_count} = {block * block_count}; every "
                          f"sequence must be at least that long. Use longer (or padded) sequences, or a "
                          f"smaller select_block_count or select_block_size")

@@ -1,4 +1,5 @@
-"""benchmarks/bench_cpu.py, bench_window.py and bench_layer.py still run (smoke tests of the scripts: no timing is asserted)."""
+"""benchmarks/bench_cpu.py, bench_window.py and bench_layer.py still run (smoke tests of the scripts: no
+timing is asserted)."""
 import json
 import os
 import subprocess

@@ -223,14 +223,20 @@ class Model(nn.Cell):
         return ((out.astype(ms.float32) - target) ** 2).mean()
 
 
-@pytest.mark.parametrize("level", ["O1", "O2"])
-def test_amp_training_steps_run(mode, level, tmp_path, monkeypatch):
+@pytest.mark.parametrize("level, wrapper", [("O1", "auto_mixed_precision"), ("O2", "auto_mixed_precision"),
+                                            ("O2", "build_train_network")])
+def test_amp_training_steps_run(mode, level, wrapper, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)          # O1's source rewrite writes the rewritten network to ./rewritten_network
     x, cu_seq_len, target = inputs(seed=8)
     model = Model()
     before = model.attention.w_q.asnumpy().copy()
-    net = ms.amp.auto_mixed_precision(model, level)
-    step = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1))
+    if wrapper == "auto_mixed_precision":
+        net = ms.amp.auto_mixed_precision(model, level)
+        step = nn.TrainOneStepCell(net, nn.SGD(net.trainable_params(), learning_rate=0.1))
+    else:                                # on the CPU MindSpore allows no dynamic loss scale
+        net = model
+        step = ms.amp.build_train_network(model, nn.SGD(model.trainable_params(), learning_rate=0.1), level=level,
+                                          loss_scale_manager=None)
     losses = [float(step(x, cu_seq_len, target).asnumpy()) for _ in range(3)]
     assert np.isfinite(losses).all(), losses
     assert losses[-1] < losses[0], losses
