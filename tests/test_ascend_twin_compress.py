@@ -22,12 +22,11 @@ from mindspore import Tensor, nn
 import ms_nsa
 from cases import MS_DTYPES, REL_TOL, rel_error, round_to, to_numpy
 from ms_nsa import _ascend_kernels as ascend
-from ms_nsa import _backend
 from ms_nsa.compress import api as compress_api, ascend as compress_ascend, reference as compress_reference
 from ms_nsa.compress_attention import api as attention_api, ascend as attention_ascend
 from ms_nsa.compress_attention import reference as attention_reference
 from ms_nsa.op_def import load_op_def
-from test_ascend_twin import Record, _tensor
+from test_ascend_twin import _tensor, _use, twin  # noqa: F401  (twin: the fixture, shared)
 from test_nsa_compress_attention import AttnCase, check_topk
 
 DTYPES = ["float16", "bfloat16"]
@@ -35,16 +34,6 @@ AGREEMENT = {}   # (op, dtype, mode) -> max abs difference twin vs CPU over all 
 REFERENCE = {}   # (op, dtype, mode) -> largest relative error of an output vs the float64 reference
 
 
-@pytest.fixture
-def twin(monkeypatch):
-    monkeypatch.setenv(_backend.BACKEND_ENV, "ascend_twin")
-    record = Record()
-    record.clear()
-    return record
-
-
-def _use(monkeypatch, backend):
-    monkeypatch.setenv(_backend.BACKEND_ENV, backend)
 
 
 def _max_abs(got, want):
