@@ -22,7 +22,7 @@ from mindspore import Tensor, nn
 import ms_nsa
 from cases import MS_DTYPES, REL_TOL, rel_error, round_to, to_numpy
 from ms_nsa import _ascend_kernels as ascend
-from ms_nsa.compress import api as compress_api, ascend as compress_ascend, reference as compress_reference
+from ms_nsa.compress import ascend as compress_ascend, reference as compress_reference
 from ms_nsa.compress_attention import api as attention_api, ascend as attention_ascend
 from ms_nsa.compress_attention import reference as attention_reference
 from ms_nsa.op_def import load_op_def
