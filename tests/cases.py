@@ -117,6 +117,16 @@ def to_numpy(t) -> np.ndarray:
     return t.asnumpy().astype(np.float64)
 
 
+def assert_packed_sequences_isolated(layer, x, cu_seq_len, seq_lens):
+    """A layer's output on a packed batch equals its output on each sequence alone."""
+    packed = layer(x, cu_seq_len).asnumpy()
+    begin = 0
+    for seq_len in seq_lens:
+        alone = layer(x[begin:begin + seq_len], None).asnumpy()
+        np.testing.assert_allclose(packed[begin:begin + seq_len], alone, rtol=1e-5, atol=1e-6)
+        begin += seq_len
+
+
 def rel_error(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     denom = np.linalg.norm(ref)

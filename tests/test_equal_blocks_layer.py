@@ -7,6 +7,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 import ms_nsa
+from cases import assert_packed_sequences_isolated
 from ms_nsa.composed import composed_forward
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, V_HEAD_DIM = 32, 4, 2, 16, 8
@@ -137,12 +138,7 @@ def test_packed_sequences_do_not_see_each_other():
     # PyNative only: each sequence alone is a new shape, i.e. a new graph compile per length.
     x, cu_seq_len, _ = inputs(seed=2)
     layer = make_layer()
-    packed = layer(x, cu_seq_len).asnumpy()
-    begin = 0
-    for seq_len in SEQ_LENS:
-        alone = layer(x[begin:begin + seq_len], None).asnumpy()
-        np.testing.assert_allclose(packed[begin:begin + seq_len], alone, rtol=1e-5, atol=1e-6)
-        begin += seq_len
+    assert_packed_sequences_isolated(layer, x, cu_seq_len, SEQ_LENS)
 
 
 def test_outputs_do_not_depend_on_future_tokens(mode):

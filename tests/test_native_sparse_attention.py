@@ -9,6 +9,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 import ms_nsa
+from cases import assert_packed_sequences_isolated
 from ms_nsa.composed_layer import ComposedNativeSparseAttention
 from ms_nsa._layer_common import BRANCHES, rotary_constants, rotary_tables, rotate
 
@@ -156,12 +157,7 @@ def test_packed_sequences_do_not_see_each_other(rope):
     # rope, positions restart at every sequence, so the packed result is still each sequence's own.
     x, cu_seq_len, _ = inputs(seed=3)
     layer = make_layer(rope=rope)
-    packed = layer(x, cu_seq_len).asnumpy()
-    begin = 0
-    for seq_len in SEQ_LENS:
-        alone = layer(x[begin:begin + seq_len], None).asnumpy()
-        np.testing.assert_allclose(packed[begin:begin + seq_len], alone, rtol=1e-5, atol=1e-6)
-        begin += seq_len
+    assert_packed_sequences_isolated(layer, x, cu_seq_len, SEQ_LENS)
 
 
 def test_outputs_do_not_depend_on_later_tokens(mode):
