@@ -6,6 +6,8 @@
 // Here a tile of query rows is taken at once; for each KV block the G query rows of every use of it
 // ((query row, slot) pairs of the tile that selected it) are gathered into one matrix, and the
 // block's products are real matrix products with M = uses * G rows (nsa_gemm.h, 4 x 4 vector tiles).
+// The uses of a causal diagonal block see different numbers of its rows; they still share products
+// (ragged_product and segments_product: each row or use runs to its own length, never masked by zeros).
 //
 // The softmax couples a row's C blocks, so nothing is accumulated across blocks in place:
 //   forward   A. per block: for each use, S = scale * Q K^T, the block's part of the softmax (its
@@ -55,6 +57,7 @@ struct BlockScratch {
   float *dscores;     // [M, beta_p]   dP, then dS (backward)
   float *out_rows;    // [M, max(D, Dv)]  a product's result before it is scattered; converted rows
   float *pair_stats;  // [3, M]        row max, 1 / row sum, Delta per pair (backward)
+  Segment *segments;  // [2, chunk_uses]  the dV and dK segments of a chunk (backward)
 };
 
 // Pairs of a chunk rounded up to the widest vector (the transposed forward scores' row length).
@@ -66,7 +69,9 @@ inline int64_t block_scratch_floats(const NsaProblem &p) {
   return (D + Dv) * bp + p.select_block_size * (D + Dv) + m * (D + Dv + 2 * bp + std::max(D, Dv) + 3);
 }
 
-inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base) {
+inline int64_t block_scratch_segments(const NsaProblem &p) { return 2 * chunk_uses(p.q_heads / p.kv_heads); }
+
+inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base, Segment *segments) {
   const int64_t m = padded_pairs(p), bp = padded_block(p);
   const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
   BlockScratch s;
@@ -80,6 +85,7 @@ inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base) {
   s.dscores = s.scores + m * bp;
   s.out_rows = s.dscores + m * bp;
   s.pair_stats = s.out_rows + m * std::max(D, Dv);
+  s.segments = segments;
   return s;
 }
 
@@ -109,14 +115,6 @@ MS_NSA_INLINE void scatter_partials(const NsaProblem &p, const TileView &tile, c
     std::memcpy(tile.partial + use_slot(p, uses[u]) * group * width, rows + u * group * width,
                 group * width * sizeof(float));
   }
-}
-
-// End of the chunk starting at `begin`: consecutive uses that see the same rows of the block (so one
-// product serves them all; only causal diagonal blocks see fewer than beta), at most chunk_uses().
-inline int64_t chunk_end(const BlockUse *uses, int64_t begin, int64_t use_count, int64_t max_uses) {
-  int64_t end = begin + 1;
-  while (end < use_count && end - begin < max_uses && uses[end].visible == uses[begin].visible) ++end;
-  return end;
 }
 
 inline int64_t rows_reached(const BlockUse *uses, int64_t use_count) {
@@ -167,6 +165,22 @@ MS_NSA_INLINE void gather_pair_rows(const NsaProblem &p, const TileView &tile, c
   for (int64_t u = 0; u < count; ++u) {
     load_row_fast<W>(p.dtype, tensor, use_head0(p, tile, uses[u]) * dim, dst + u * group * dim, group * dim);
   }
+}
+
+// One chunk of a block's uses: up to chunk_uses() consecutive uses, whose G query rows each make a row
+// of the chunk's products (pair = use * G + head). The uses may see different numbers of the block's
+// rows (only on causal diagonal blocks): score products run to the widest, everything that sums over
+// keys runs each pair or use to its own `visible`.
+struct Chunk {
+  const BlockUse *uses;
+  int64_t count, group, reached;
+  int64_t pairs() const { return count * group; }
+  int64_t visible(int64_t pair) const { return uses[pair / group].visible; }
+};
+
+inline Chunk chunk_at(const BlockUse *uses, int64_t begin, int64_t use_count, int64_t group) {
+  const int64_t count = std::min(chunk_uses(group), use_count - begin);
+  return {uses + begin, count, group, rows_reached(uses + begin, count)};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -235,21 +249,21 @@ MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, con
   constexpr int kRows = kTileRegs<W> / 4;
   const BlockRows block = load_block<W>(p, f.key, f.value, uses, use_count, s);
   for (int64_t begin = 0; begin < use_count;) {
-    const int64_t end = chunk_end(uses, begin, use_count, chunk_uses(group)), visible = uses[begin].visible;
-    const int64_t pairs = (end - begin) * group;
-    gather_pair_rows<W>(p, tile, f.query, D, uses + begin, end - begin, s.q_rows);
-    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
-                                             p.scale_value);
-    for (int64_t u = begin; u < end; ++u) {
-      float *stats = tile.stats + use_slot(p, uses[u]) * group * 2;
+    const Chunk chunk = chunk_at(uses, begin, use_count, group);
+    const auto pair_visible = [&chunk](int64_t pair) { return chunk.visible(pair); };
+    gather_pair_rows<W>(p, tile, f.query, D, chunk.uses, chunk.count, s.q_rows);
+    product<W, kRows, 4, Update::kOverwrite>(chunk.pairs(), chunk.reached, D, {s.q_rows, D, 1}, s.keys_t, bp,
+                                             s.scores, bp, p.scale_value);
+    for (int64_t u = 0; u < chunk.count; ++u) {
+      float *stats = tile.stats + use_slot(p, chunk.uses[u]) * group * 2;
       for (int64_t g = 0; g < group; ++g) {
-        block_row_softmax<W>(s.scores + ((u - begin) * group + g) * bp, visible, stats + g, stats + group + g);
+        block_row_softmax<W>(s.scores + (u * group + g) * bp, chunk.uses[u].visible, stats + g, stats + group + g);
       }
     }
-    product<W, kRows, 4, Update::kOverwrite>(pairs, Dv, visible, {s.scores, bp, 1}, block.values, block.ld_value,
-                                             s.out_rows, Dv);
-    scatter_partials(p, tile, uses + begin, end - begin, s.out_rows, Dv);
-    begin = end;
+    ragged_product<W, kRows, 4>(chunk.pairs(), Dv, pair_visible, {s.scores, bp, 1}, block.values, block.ld_value,
+                                s.out_rows, Dv);
+    scatter_partials(p, tile, chunk.uses, chunk.count, s.out_rows, Dv);
+    begin += chunk.count;
   }
 }
 
@@ -324,38 +338,51 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
   float *row_max = s.pair_stats, *inv_sum = s.pair_stats + max_pairs, *delta = s.pair_stats + 2 * max_pairs;
 
   for (int64_t begin = 0; begin < use_count;) {
-    const int64_t end = chunk_end(uses, begin, use_count, chunk_uses(group)), visible = uses[begin].visible;
-    const int64_t pairs = (end - begin) * group;
-    gather_pair_rows<W>(p, tile, b.query, D, uses + begin, end - begin, s.q_rows);
-    gather_pair_rows<W>(p, tile, b.grad, Dv, uses + begin, end - begin, s.do_rows);
-    gather_pair_rows<W>(p, tile, b.attention_out, Dv, uses + begin, end - begin, s.out_rows);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t head0 = use_head0(p, tile, uses[u]);
+    const Chunk chunk = chunk_at(uses, begin, use_count, group);
+    const int64_t pairs = chunk.pairs();
+    const auto pair_visible = [&chunk](int64_t pair) { return chunk.visible(pair); };
+    gather_pair_rows<W>(p, tile, b.query, D, chunk.uses, chunk.count, s.q_rows);
+    gather_pair_rows<W>(p, tile, b.grad, Dv, chunk.uses, chunk.count, s.do_rows);
+    gather_pair_rows<W>(p, tile, b.attention_out, Dv, chunk.uses, chunk.count, s.out_rows);
+    for (int64_t u = 0; u < chunk.count; ++u) {
+      const int64_t head0 = use_head0(p, tile, chunk.uses[u]);
       for (int64_t g = 0; g < group; ++g) {
-        const int64_t pair = (u - begin) * group + g;
+        const int64_t pair = u * group + g;
         row_max[pair] = b.softmax_max[(head0 + g) * kSoftmaxStatWidth];
         inv_sum[pair] = 1.0f / b.softmax_sum[(head0 + g) * kSoftmaxStatWidth];
         delta[pair] = dot<W>(s.do_rows + pair * Dv, s.out_rows + pair * Dv, Dv);
       }
     }
-    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
+    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
                                              p.scale_value);
-    product<W, kRows, 4, Update::kOverwrite>(pairs, visible, Dv, {s.do_rows, Dv, 1}, s.values_t, bp, s.dscores, bp);
-    // P and dS (scale folded in), whole vectors: the columns past `visible` are never read.
+    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, Dv, {s.do_rows, Dv, 1}, s.values_t, bp,
+                                             s.dscores, bp);
+    // P and dS (scale folded in), whole vectors: the columns past a pair's `visible` are never read.
     for (int64_t pair = 0; pair < pairs; ++pair) {
-      for (int64_t j = 0; j < visible; j += W) {
+      for (int64_t j = 0; j < chunk.visible(pair); j += W) {
         float *prob_at = s.scores + pair * bp + j, *dprob_at = s.dscores + pair * bp + j;
         const V prob = exp<W>(load<W>(prob_at) - row_max[pair]) * inv_sum[pair];
         store<W>(prob_at, prob);
         store<W>(dprob_at, prob * (load<W>(dprob_at) - delta[pair]) * p.scale_value);
       }
     }
-    product<W, kRows, 4, Update::kAccumulate>(visible, Dv, pairs, {s.scores, 1, bp}, s.do_rows, Dv, dv_block, N2 * Dv);
-    product<W, kRows, 4, Update::kAccumulate>(visible, D, pairs, {s.dscores, 1, bp}, s.q_rows, D, dk_block, N2 * D);
-    product<W, kRows, 4, Update::kOverwrite>(pairs, D, visible, {s.dscores, bp, 1}, block.keys, block.ld_key,
-                                             s.out_rows, D);
-    scatter_partials(p, tile, uses + begin, end - begin, s.out_rows, D);
-    begin = end;
+    // dV += P^T dO and dK += dS^T Q, one segment per run of uses that see the same rows, in use order.
+    Segment *dv_segments = s.segments, *dk_segments = s.segments + chunk_uses(group);
+    int64_t segment_count = 0;
+    for (int64_t u = 0; u < chunk.count;) {
+      int64_t run_end = u + 1;
+      while (run_end < chunk.count && chunk.uses[run_end].visible == chunk.uses[u].visible) ++run_end;
+      const int64_t pair0 = u * group, run_pairs = (run_end - u) * group, rows = chunk.uses[u].visible;
+      dv_segments[segment_count] = {{s.scores + pair0 * bp, 1, bp}, s.do_rows + pair0 * Dv, Dv, run_pairs, rows};
+      dk_segments[segment_count] = {{s.dscores + pair0 * bp, 1, bp}, s.q_rows + pair0 * D, D, run_pairs, rows};
+      ++segment_count;
+      u = run_end;
+    }
+    segments_product<W, kRows, 4>(chunk.reached, Dv, dv_segments, segment_count, dv_block, N2 * Dv);
+    segments_product<W, kRows, 4>(chunk.reached, D, dk_segments, segment_count, dk_block, N2 * D);
+    ragged_product<W, kRows, 4>(pairs, D, pair_visible, {s.dscores, bp, 1}, block.keys, block.ld_key, s.out_rows, D);
+    scatter_partials(p, tile, chunk.uses, chunk.count, s.out_rows, D);
+    begin += chunk.count;
   }
 }
 

@@ -267,12 +267,15 @@ class BlockThreadScratch {
  public:
   explicit BlockThreadScratch(const NsaProblem &p)
       : storage_(block_scratch_floats(p) + p.q_heads / p.kv_heads * std::max(p.qk_head_dim, p.v_head_dim)),
-        scratch_(carve_block_scratch(p, storage_.data())), acc_(storage_.data() + block_scratch_floats(p)) {}
+        segments_(block_scratch_segments(p)),
+        scratch_(carve_block_scratch(p, storage_.data(), segments_.data())),
+        acc_(storage_.data() + block_scratch_floats(p)) {}
   const BlockScratch &get() const { return scratch_; }
   float *acc() const { return acc_; }
 
  private:
   std::vector<float> storage_;
+  std::vector<Segment> segments_;
   BlockScratch scratch_;
   float *acc_;
 };

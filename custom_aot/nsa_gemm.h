@@ -86,6 +86,76 @@ MS_NSA_INLINE void product(int64_t M, int64_t N, int64_t K, MatrixA a, const flo
   }
 }
 
+// C[M, N] = sum_{k < row_k(m)} A(m, k) * B[k, n]: a product whose rows have their own inner lengths
+// (the block strategy's chunks of uses: a query on a causal diagonal block sees only part of it, and
+// its row must not touch the keys it does not see, not even times zero: 0 * Inf is NaN). Each register
+// tile runs its rows together up to their shortest length, then each row alone to its own; every C
+// element is still summed in increasing k from zero, the same bits as product() with K = row_k(m).
+template <int W, int Rows, int Vecs, class RowK>
+MS_NSA_INLINE void ragged_tile(int64_t m0, RowK row_k, MatrixA a, const float *b, int64_t ldb, float *c,
+                               int64_t ldc) {
+  typedef typename Lanes<W>::type V;
+  int64_t k_of[Rows], k_common = INT64_MAX, k_longest = 0;
+  for (int r = 0; r < Rows; ++r) {
+    k_of[r] = row_k(m0 + r);
+    k_common = k_of[r] < k_common ? k_of[r] : k_common;
+    k_longest = k_of[r] > k_longest ? k_of[r] : k_longest;
+  }
+  V acc[Rows][Vecs];
+  for (int r = 0; r < Rows; ++r) {
+    for (int v = 0; v < Vecs; ++v) acc[r][v] = V{};
+  }
+  int64_t k = 0;
+  for (; k < k_common; ++k) {
+    V b_row[Vecs];
+    for (int v = 0; v < Vecs; ++v) b_row[v] = load<W>(b + k * ldb + v * W);
+    for (int r = 0; r < Rows; ++r) {
+      const float a_rk = a.at(r, k);
+      for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * b_row[v];
+    }
+  }
+  for (; k < k_longest; ++k) {
+    for (int r = 0; r < Rows; ++r) {
+      if (k >= k_of[r]) continue;
+      const float a_rk = a.at(r, k);
+      for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * load<W>(b + k * ldb + v * W);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int v = 0; v < Vecs; ++v) store<W>(c + r * ldc + v * W, acc[r][v]);
+  }
+}
+
+template <int W, int Rows, int Vecs, class RowK>
+MS_NSA_INLINE void ragged_strip(int64_t M, RowK row_k, MatrixA a, const float *b, int64_t ldb, float *c,
+                                int64_t ldc) {
+  int64_t m = 0;
+  for (; m + Rows <= M; m += Rows) {
+    ragged_tile<W, Rows, Vecs>(m, row_k, {a.data + m * a.row_stride, a.row_stride, a.col_stride}, b, ldb,
+                               c + m * ldc, ldc);
+  }
+  if constexpr (Rows > 1) {
+    for (; m < M; ++m) {
+      ragged_tile<W, 1, Vecs>(m, row_k, {a.data + m * a.row_stride, a.row_stride, a.col_stride}, b, ldb,
+                              c + m * ldc, ldc);
+    }
+  }
+}
+
+// C[M, N] for any N, cut into strips like product(); row_k(m) is row m's inner length.
+template <int W, int Rows, int Vecs, class RowK>
+MS_NSA_INLINE void ragged_product(int64_t M, int64_t N, RowK row_k, MatrixA a, const float *b, int64_t ldb,
+                                  float *c, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + Vecs * W <= N; n += Vecs * W) ragged_strip<W, Rows, Vecs>(M, row_k, a, b + n, ldb, c + n, ldc);
+  if constexpr (Vecs > 1) {
+    for (; n + W <= N; n += W) ragged_strip<W, Rows, 1>(M, row_k, a, b + n, ldb, c + n, ldc);
+  }
+  if constexpr (W > 1) {
+    for (; n < N; ++n) ragged_strip<1, Rows, 1>(M, row_k, a, b + n, ldb, c + n, ldc);
+  }
+}
+
 // A sum of products over segments, each with its own A and B and its own number of live rows:
 //     C[m, n] += sum over segments s with m < s.rows of  sum_k A_s(m, k) * B_s[k, n]
 // Each register tile of C is loaded once, takes every segment in order and is stored once, so C

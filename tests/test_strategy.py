@@ -53,13 +53,16 @@ def test_forced_strategy_matches_reference(strategy, name, sparse_mode):
 
 
 # Shapes that stress the block strategy's bookkeeping: many rows per tile sharing blocks (long chunks,
-# chunks cut by the causal diagonal), a block size that is not a power of two, the
-# largest group (a chunk of only 4 uses), several batches with different KV lengths.
+# chunks whose uses see different numbers of rows of a causal diagonal block), a block size that is not
+# a power of two, the largest group (a chunk of only 4 uses), several batches with different KV lengths.
 BLOCK_CASES = {
     "shared-blocks": Case(q_lens=(150, 90), kv_blocks=(5, 4), q_heads=4, kv_heads=4, head_dim=48, v_head_dim=40,
                           select_block_size=32, select_block_count=3, keep_diagonal=True),
     "beta-48": Case(q_lens=(60, 39), kv_blocks=(4, 3), q_heads=6, kv_heads=2, head_dim=20, v_head_dim=12,
                     select_block_size=48, select_block_count=2),
+    # G = 2 on causal diagonals: a chunk mixes uses that see 1..beta rows of a block with full ones.
+    "diagonal-g2": Case(q_lens=(96, 70), kv_blocks=(3, 3), q_heads=4, kv_heads=2, head_dim=24, v_head_dim=16,
+                        select_block_size=32, select_block_count=3, keep_diagonal=True),
     "g32-n3": Case(q_lens=(21, 13), kv_blocks=(2, 2), q_heads=96, kv_heads=3, head_dim=16, v_head_dim=8,
                    select_block_count=2),
 }
