@@ -227,20 +227,20 @@ double block_reuse(const NsaProblem &p, const int32_t *topk_indices) {
 
 // The block strategy pays for gathering rows and for per-(item, slot) partial results; it wins when
 // a block's uses in a tile times G clearly exceeds G alone. Measured at T = 4096, D = 192, C = 16 on
-// AVX-512 (docs/performance.md, small-group sweep): 3-5x at G = 1, 2 and 1.2-1.6x at G = 4 with random
-// selections (~21 uses per block and tile) and local ones (~75); at G = 8 local selections win a
-// little and random ones went from 0.7x (8 MiB tiles, ~10 uses) to 1.4x (16 MiB tiles, ~21 uses);
-// at G = 16 the block forward loses, the block backward does not.
-enum class Pass { kForward, kBackward };
+// AVX-512 (docs/performance.md, small-group sweep): 3-8x at G = 1, 2 and about 2x at G = 4 with random
+// selections (~21 uses per block and tile) and local ones (~75); 1.2-1.4x at G = 8 (random ones lost
+// at 8 MiB tiles, ~10 uses, and win at 16 MiB, ~21 uses); at G = 16 the per-item kernels are as fast
+// or faster in both passes (so one rule serves forward and backward).
 
-Strategy choose_strategy(const NsaProblem &p, const int32_t *topk_indices, Pass pass) {
+Strategy choose_strategy(const NsaProblem &p, const int32_t *topk_indices) {
   // The block kernels implement ms_nsa's own masks only; CANN's rules (the Ascend twin: a fully masked
   // row averaging, the backward's per-slot mask) exist in the per-item kernels alone.
   if (p.mask == MaskRule::kCannForward || p.mask == MaskRule::kCannBackward) return Strategy::kItems;
   const Strategy forced = forced_strategy();
   if (forced != Strategy::kAuto) return forced;
-  const int64_t group = p.q_heads / p.kv_heads, largest_local_group = pass == Pass::kForward ? 8 : 16;
-  if (group > largest_local_group) return Strategy::kItems;
+  constexpr int64_t kLargestBlockGroup = 8;
+  const int64_t group = p.q_heads / p.kv_heads;
+  if (group > kLargestBlockGroup) return Strategy::kItems;
   const double reuse = block_reuse(p, topk_indices);
   return reuse >= (group <= 4 ? 4.0 : 20.0) ? Strategy::kBlocks : Strategy::kItems;
 }
@@ -404,7 +404,7 @@ NsaError nsa_forward(const NsaProblem &p, const void *query, const void *key, co
   NsaError err = nsa_validate(p, topk_indices);
   if (err.status != kOk) return err;
   const ForwardArgs args{&p, query, key, value, topk_indices, softmax_max, softmax_sum, attention_out};
-  if (choose_strategy(p, topk_indices, Pass::kForward) == Strategy::kBlocks) {
+  if (choose_strategy(p, topk_indices) == Strategy::kBlocks) {
     forward_by_blocks(p, args);
   } else {
     forward_by_items(p, args);
@@ -436,7 +436,7 @@ NsaError nsa_backward(const NsaProblem &p, const void *query, const void *key, c
   }
   const BackwardArgs args{&p, query, key, value, attention_out, grad, softmax_max, softmax_sum, topk_indices,
                           dq, dk_acc, dv_acc};
-  if (choose_strategy(p, topk_indices, Pass::kBackward) == Strategy::kBlocks) {
+  if (choose_strategy(p, topk_indices) == Strategy::kBlocks) {
     backward_by_blocks(p, args);
   } else {
     backward_by_items(p, args);
