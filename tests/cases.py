@@ -117,6 +117,15 @@ def to_numpy(t) -> np.ndarray:
     return t.asnumpy().astype(np.float64)
 
 
+def layer_inputs(hidden, seq_lens, seed=0):
+    """(x, cumulative sequence lengths, d_out) for a layer test: packed [tokens, hidden] float32 inputs."""
+    rng = np.random.default_rng(seed)
+    tokens = sum(seq_lens)
+    return (Tensor(rng.standard_normal((tokens, hidden)).astype(np.float32)),
+            Tensor(np.cumsum(seq_lens).astype(np.int64)),
+            Tensor(rng.standard_normal((tokens, hidden)).astype(np.float32)))
+
+
 def assert_packed_sequences_isolated(layer, x, cu_seq_len, seq_lens):
     """A layer's output on a packed batch equals its output on each sequence alone."""
     packed = layer(x, cu_seq_len).asnumpy()

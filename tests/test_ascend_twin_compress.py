@@ -26,7 +26,8 @@ from ms_nsa.compress import ascend as compress_ascend, reference as compress_ref
 from ms_nsa.compress_attention import api as attention_api, ascend as attention_ascend
 from ms_nsa.compress_attention import reference as attention_reference
 from ms_nsa.op_def import load_op_def
-from test_ascend_twin import _tensor, _use, twin  # noqa: F401  (twin: the fixture, shared)
+from test_ascend_twin import (_tensor, _use, assert_reg_info_declares_every_argument_an_input_and_no_attr,
+                              twin)  # noqa: F401  (twin: the fixture, shared)
 from test_nsa_compress_attention import AttnCase, check_topk
 
 DTYPES = ["float16", "bfloat16"]
@@ -308,11 +309,7 @@ def test_bprops_take_the_aclnn_arguments_then_out_dout(make_bprop, op_name):
 
 @pytest.mark.parametrize("op_name", ["nsa_compress", "nsa_compress_grad", "nsa_compress_attention"])
 def test_reg_info_declares_every_argument_an_input_and_no_attr(op_name):
-    op_def = load_op_def(op_name)
-    for twin_target in (False, True):
-        info = ascend.reg_info(op_def, twin=twin_target)
-        assert [item["name"] for item in info["inputs"]] == [arg.name for arg in op_def.args]
-        assert not info.get("attr")
+    assert_reg_info_declares_every_argument_an_input_and_no_attr(op_name)
 
 
 @pytest.mark.parametrize("op_name", ["nsa_compress", "nsa_compress_grad", "nsa_compress_attention"])

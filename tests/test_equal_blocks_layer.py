@@ -7,7 +7,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 import ms_nsa
-from cases import assert_packed_sequences_isolated
+from cases import assert_packed_sequences_isolated, layer_inputs
 from ms_nsa.composed import composed_forward
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, V_HEAD_DIM = 32, 4, 2, 16, 8
@@ -51,11 +51,7 @@ class Loss(nn.Cell):
 
 
 def inputs(seed=0, seq_lens=SEQ_LENS):
-    rng = np.random.default_rng(seed)
-    tokens = sum(seq_lens)
-    return (Tensor(rng.standard_normal((tokens, HIDDEN)).astype(np.float32)),
-            Tensor(np.cumsum(seq_lens).astype(np.int64)),
-            Tensor(rng.standard_normal((tokens, HIDDEN)).astype(np.float32)))
+    return layer_inputs(HIDDEN, seq_lens, seed)
 
 
 def loss_and_grads(layer, x, cu_seq_len, d_out):
