@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "nsa_kernels.h"
 
@@ -49,7 +50,7 @@ inline int64_t padded_block(const NsaProblem &p) { return (p.select_block_size +
 struct BlockScratch {
   float *keys_t;      // [D, beta_p]   K^T of the block
   float *values_t;    // [Dv, beta_p]  V^T (backward)
-  float *key_tile;    // [beta, D]     converted key rows (half types)
+  float *key_tile;    // [beta, D]     the block's key rows, copied or converted
   float *value_tile;  // [beta, Dv]
   float *q_rows;      // [M, D]        query rows of the chunk's pairs
   float *do_rows;     // [M, Dv]       grad rows (backward)
@@ -129,19 +130,52 @@ struct BlockRows {
   int64_t ld_key = 0, ld_value = 0, reached = 0;
 };
 
-// dst[e * ld_dst + j] = src[j * ld_src + e] for the block's first `rows` rows, in 16 x 16 squares so that
-// both sides stay in L1 (a plain row-by-row loop took a quarter of the backward's block step).
+// One stage of an S x S transpose in registers: swaps bit h of the row index with bit h of the column
+// index, two shuffles per pair of rows. The masks are pack expansions so that they are constants
+// (built in a loop, GCC assembled them lane by lane at run time).
+template <int S, int h, int... J>
+MS_NSA_INLINE void transpose_stage(typename Lanes<S>::type *rows, std::integer_sequence<int, J...>) {
+  typedef typename Lanes<S>::mask M;
+  constexpr M low = {((J & h) == 0 ? J : S + J - h)...};
+  constexpr M high = {((J & h) == 0 ? J + h : S + J)...};
+  for (int r = 0; r < S; ++r) {
+    if (r & h) continue;
+    const typename Lanes<S>::type a = rows[r], b = rows[r + h];
+    rows[r] = __builtin_shuffle(a, b, low);
+    rows[r + h] = __builtin_shuffle(a, b, high);
+  }
+  if constexpr (h > 1) transpose_stage<S, h / 2>(rows, std::integer_sequence<int, J...>{});
+}
+
+// An S x S square of vectors transposed in registers, log2(S) stages (AVX-512: 64 shuffles for 256
+// floats, where the element loop it replaced made two memory accesses per float).
+template <int S>
+MS_NSA_INLINE void transpose_square(typename Lanes<S>::type *rows) {
+  transpose_stage<S, S / 2>(rows, std::make_integer_sequence<int, S>{});
+}
+
+// dst[e * ld_dst + j] = src[j * ld_src + e] for the block's first `rows` rows: S x S squares in
+// registers (S = the widest vector GCC keeps whole, see kSelectLanes), the edges element by element.
+template <int W>
 MS_NSA_INLINE void transpose_block(const float *src, int64_t ld_src, int64_t rows, int64_t dim, float *dst,
                                    int64_t ld_dst) {
-  constexpr int64_t kSquare = 16;
-  for (int64_t j0 = 0; j0 < rows; j0 += kSquare) {
-    const int64_t j1 = std::min(rows, j0 + kSquare);
-    for (int64_t e0 = 0; e0 < dim; e0 += kSquare) {
-      const int64_t e1 = std::min(dim, e0 + kSquare);
-      for (int64_t e = e0; e < e1; ++e) {
-        for (int64_t j = j0; j < j1; ++j) dst[e * ld_dst + j] = src[j * ld_src + e];
-      }
+  constexpr int S = W < kSelectLanes ? W : kSelectLanes;
+  typedef typename Lanes<S>::type V;
+  int64_t j0 = 0;
+  for (; j0 + S <= rows; j0 += S) {
+    int64_t e0 = 0;
+    for (; e0 + S <= dim; e0 += S) {
+      V square[S];
+      for (int r = 0; r < S; ++r) square[r] = load<S>(src + (j0 + r) * ld_src + e0);
+      transpose_square<S>(square);
+      for (int r = 0; r < S; ++r) store<S>(dst + (e0 + r) * ld_dst + j0, square[r]);
     }
+    for (; e0 < dim; ++e0) {
+      for (int64_t j = j0; j < j0 + S; ++j) dst[e0 * ld_dst + j] = src[j * ld_src + e0];
+    }
+  }
+  for (int64_t e = 0; e < dim; ++e) {
+    for (int64_t j = j0; j < rows; ++j) dst[e * ld_dst + j] = src[j * ld_src + e];
   }
 }
 
@@ -150,10 +184,11 @@ MS_NSA_INLINE BlockRows load_block(const NsaProblem &p, const void *key, const v
                                    int64_t use_count, const BlockScratch &s) {
   BlockRows r;
   r.reached = rows_reached(uses, use_count);
-  r.keys = kv_rows<W>(p, key, p.qk_head_dim, uses[0].block_row, uses[0].kv_head, r.reached, s.key_tile, &r.ld_key);
+  r.keys = kv_rows<W>(p, key, p.qk_head_dim, uses[0].block_row, uses[0].kv_head, r.reached, s.key_tile, &r.ld_key,
+                      KvCopy::kAlways);
   r.values = kv_rows<W>(p, value, p.v_head_dim, uses[0].block_row, uses[0].kv_head, r.reached, s.value_tile,
-                        &r.ld_value);
-  transpose_block(r.keys, r.ld_key, r.reached, p.qk_head_dim, s.keys_t, padded_block(p));
+                        &r.ld_value, KvCopy::kAlways);
+  transpose_block<W>(r.keys, r.ld_key, r.reached, p.qk_head_dim, s.keys_t, padded_block(p));
   return r;
 }
 
@@ -332,7 +367,7 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
   constexpr int kRows = kTileRegs<W> / 4;
   const BlockUse &first = uses[0];
   const BlockRows block = load_block<W>(p, b.key, b.value, uses, use_count, s);
-  transpose_block(block.values, block.ld_value, block.reached, Dv, s.values_t, bp);
+  transpose_block<W>(block.values, block.ld_value, block.reached, Dv, s.values_t, bp);
   float *dk_block = b.dk_acc + (first.block_row * N2 + first.kv_head) * D;
   float *dv_block = b.dv_acc + (first.block_row * N2 + first.kv_head) * Dv;
   float *row_max = s.pair_stats, *inv_sum = s.pair_stats + max_pairs, *delta = s.pair_stats + 2 * max_pairs;

@@ -113,13 +113,20 @@ MS_NSA_INLINE const float *as_float(const NsaProblem &p, const void *tensor, int
   return buffer;
 }
 
+// Whether kv_rows copies float32 rows too. The block kernels read a block's rows as a product's B
+// matrix, once per register tile: rows N2 * dim floats apart share an L1 set when that is a multiple
+// of 4 KiB (N2 * dim = 2048 at N2 = 16, Dv = 128), so uncopied rows came from L2 every time.
+enum class KvCopy { kOnlyToConvert, kAlways };
+
 // The `rows` key (or value) rows of KV head n from global row `first_row`, as float32 rows with
-// stride *ld: straight from the tensor for float32, else converted into `tile` (stride dim).
+// stride *ld: straight from the tensor for float32 (unless `copy` says kAlways), else converted or
+// copied into `tile` (stride dim).
 template <int W>
 MS_NSA_INLINE const float *kv_rows(const NsaProblem &p, const void *tensor, int64_t dim, int64_t first_row,
-                                   int64_t n, int64_t rows, float *tile, int64_t *ld) {
+                                   int64_t n, int64_t rows, float *tile, int64_t *ld,
+                                   KvCopy copy = KvCopy::kOnlyToConvert) {
   const int64_t row_stride = p.kv_heads * dim;
-  if (p.dtype == DType::kFloat32) {
+  if (p.dtype == DType::kFloat32 && copy == KvCopy::kOnlyToConvert) {
     *ld = row_stride;
     return static_cast<const float *>(tensor) + first_row * row_stride + n * dim;
   }
