@@ -91,21 +91,28 @@ inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base, Segmen
 }
 
 // Where one tile's shared buffers and uses are (the uses of one block: sorted, (query row, slot) order).
+// A tile is a range of query rows and a range of KV heads (tile_shape() in nsa_core.cc).
 struct TileView {
-  int64_t tile_begin;  // first query row of the tile
-  float *partial;      // [items, C, G, width]: per-(item, slot) partial O (width Dv) or dQ (width D);
-                       // item = tile row * N2 + KV head
-  float *stats;        // forward: [items, C, 2, G]: per-(item, slot) block max m_s, then weight; sum l_s
+  int64_t tile_begin;     // first query row of the tile
+  int64_t kv_head_begin;  // its KV heads: [kv_head_begin, kv_head_begin + kv_heads)
+  int64_t kv_heads;
+  float *partial;         // [items, C, G, width]: per-(item, slot) partial O (width Dv) or dQ (width D);
+                          // item = tile row * kv_heads + (KV head - kv_head_begin)
+  float *stats;           // forward: [items, C, 2, G]: per-(item, slot) block max m_s, then weight; sum l_s
+  int64_t item_row(int64_t item) const { return tile_begin + item / kv_heads; }
+  int64_t item_kv_head(int64_t item) const { return kv_head_begin + item % kv_heads; }
 };
 
-inline int64_t use_item(const NsaProblem &p, const BlockUse &use) { return use.tile_row * p.kv_heads + use.kv_head; }
+inline int64_t use_item(const TileView &tile, const BlockUse &use) {
+  return use.tile_row * tile.kv_heads + use.kv_head - tile.kv_head_begin;
+}
 
 inline int64_t use_head0(const NsaProblem &p, const TileView &tile, const BlockUse &use) {
   return (tile.tile_begin + use.tile_row) * p.q_heads + use.kv_head * (p.q_heads / p.kv_heads);
 }
 
-inline int64_t use_slot(const NsaProblem &p, const BlockUse &use) {
-  return use_item(p, use) * p.select_block_count + use.slot;
+inline int64_t use_slot(const NsaProblem &p, const TileView &tile, const BlockUse &use) {
+  return use_item(tile, use) * p.select_block_count + use.slot;
 }
 
 // Each use's G rows of a chunk's product [uses * G, width] into its place in the per-(item, slot) buffer.
@@ -113,7 +120,7 @@ MS_NSA_INLINE void scatter_partials(const NsaProblem &p, const TileView &tile, c
                                     const float *rows, int64_t width) {
   const int64_t group = p.q_heads / p.kv_heads;
   for (int64_t u = 0; u < count; ++u) {
-    std::memcpy(tile.partial + use_slot(p, uses[u]) * group * width, rows + u * group * width,
+    std::memcpy(tile.partial + use_slot(p, tile, uses[u]) * group * width, rows + u * group * width,
                 group * width * sizeof(float));
   }
 }
@@ -290,7 +297,7 @@ MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, con
     product<W, kRows, 4, Update::kOverwrite>(chunk.pairs(), chunk.reached, D, {s.q_rows, D, 1}, s.keys_t, bp,
                                              s.scores, bp, p.scale_value);
     for (int64_t u = 0; u < chunk.count; ++u) {
-      float *stats = tile.stats + use_slot(p, chunk.uses[u]) * group * 2;
+      float *stats = tile.stats + use_slot(p, tile, chunk.uses[u]) * group * 2;
       for (int64_t g = 0; g < group; ++g) {
         block_row_softmax<W>(s.scores + (u * group + g) * bp, chunk.uses[u].visible, stats + g, stats + group + g);
       }
@@ -309,7 +316,7 @@ template <int W>
 MS_NSA_INLINE void item_combine_stats(const ForwardArgs &f, const TileView &tile, int64_t item) {
   const NsaProblem &p = *f.p;
   const int64_t group = p.q_heads / p.kv_heads, count = p.select_block_count;
-  const Item it(p, f.topk, tile.tile_begin + item / p.kv_heads, item % p.kv_heads);
+  const Item it(p, f.topk, tile.item_row(item), tile.item_kv_head(item));
   float *stats = tile.stats + item * count * group * 2;
   for (int64_t g = 0; g < group; ++g) {
     float row_max = kNegInf, row_sum = 0.0f;
@@ -334,7 +341,7 @@ template <int W>
 MS_NSA_INLINE void item_sum_partials(const NsaProblem &p, const int32_t *topk, const TileView &tile, int64_t item,
                                      int64_t width, const float *row_sums, void *out, float *acc) {
   const int64_t group = p.q_heads / p.kv_heads, count = p.select_block_count;
-  const Item it(p, topk, tile.tile_begin + item / p.kv_heads, item % p.kv_heads);
+  const Item it(p, topk, tile.item_row(item), tile.item_kv_head(item));
   std::fill(acc, acc + group * width, 0.0f);
   for (int64_t i = 0; i < count; ++i) {
     if (it.visible(p, i) == 0) continue;

@@ -162,10 +162,11 @@ bool same_block(const BlockUse &a, const BlockUse &b) {
 // (query row, slot) order: `uses` sorted by block, `block_starts` the first use of each block plus
 // an end marker.
 void collect_block_uses(const NsaProblem &p, const int32_t *topk_indices, int64_t tile_begin, int64_t rows,
-                        std::vector<BlockUse> *uses, std::vector<int64_t> *block_starts) {
+                        int64_t kv_head_begin, int64_t kv_heads, std::vector<BlockUse> *uses,
+                        std::vector<int64_t> *block_starts) {
   uses->clear();
   for (int64_t tile_row = 0; tile_row < rows; ++tile_row) {
-    for (int64_t n = 0; n < p.kv_heads; ++n) {
+    for (int64_t n = kv_head_begin; n < kv_head_begin + kv_heads; ++n) {
       const Item it(p, topk_indices, tile_begin + tile_row, n);
       for (int64_t i = 0; i < p.select_block_count; ++i) {
         const int64_t visible = it.visible(p, i);
@@ -204,24 +205,41 @@ Strategy forced_strategy() {
   return static_cast<Strategy>(forced);
 }
 
-// Query rows per tile of the block strategy: its per-(item, slot) buffers take about 16 MiB (half of
-// that gave the block uses of local selections 10 % less reuse).
-int64_t block_tile_rows(const NsaProblem &p) {
+// A tile of the block strategy: query rows by KV heads. Its per-(item, slot) buffers take about 16 MiB
+// (half of that gave the block uses of local selections 10 % less reuse). A tile with fewer KV heads
+// holds more query rows, so each selected block has more uses per load: a tile takes all heads if that
+// leaves at least kMinTilePairs (query row, head) pairs per KV head, else as few as it takes to get
+// there. At G = 1, N1 = 16, C = 16, D = 192 that is 2 heads of 682 rows instead of 16 heads of 85
+// (1.11x at T = 4096 with local selections); it was no faster at G = 4, 8. The shape changes no bits:
+// every output element sums its terms in the same order whatever the tiles (tests force tiny ones).
+struct TileShape {
+  int64_t rows, kv_heads;
+};
+constexpr int64_t kMinTilePairs = 4 * kChunkPairs;
+std::atomic<int64_t> g_forced_tile_rows{0}, g_forced_tile_heads{0};  // 0: chosen here
+
+TileShape tile_shape(const NsaProblem &p) {
   constexpr int64_t kTileFloats = int64_t{1} << 22;
-  const int64_t per_row = p.q_heads * p.select_block_count *
-                          std::max(p.qk_head_dim, p.v_head_dim + 2);
-  return std::clamp<int64_t>(kTileFloats / per_row, 1, std::max<int64_t>(1, p.q_tokens));
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t per_row_and_head = group * p.select_block_count * std::max(p.qk_head_dim, p.v_head_dim + 2);
+  const int64_t min_rows = std::max<int64_t>(1, kMinTilePairs / group);
+  int64_t heads = std::clamp<int64_t>(kTileFloats / (per_row_and_head * min_rows), 1, p.kv_heads);
+  if (g_forced_tile_heads.load() > 0) heads = std::min(g_forced_tile_heads.load(), p.kv_heads);
+  int64_t rows = std::clamp<int64_t>(kTileFloats / (per_row_and_head * heads), 1, std::max<int64_t>(1, p.q_tokens));
+  if (g_forced_tile_rows.load() > 0) rows = g_forced_tile_rows.load();
+  return {rows, heads};
 }
 
 // Mean uses per selected KV block in one tile of query rows from the middle of the problem: the
 // factor by which the block strategy multiplies the reuse of a loaded block (the per-item strategy
 // reuses it G times, the block strategy G times this).
 double block_reuse(const NsaProblem &p, const int32_t *topk_indices) {
-  const int64_t rows = std::min(block_tile_rows(p), p.q_tokens);
+  const TileShape shape = tile_shape(p);
+  const int64_t rows = std::min(shape.rows, p.q_tokens);
   const int64_t begin = std::min(p.q_tokens / 2, p.q_tokens - rows);
   std::vector<BlockUse> uses;
   std::vector<int64_t> block_starts;
-  collect_block_uses(p, topk_indices, begin, rows, &uses, &block_starts);
+  collect_block_uses(p, topk_indices, begin, rows, 0, shape.kv_heads, &uses, &block_starts);
   return uses.empty() ? 0.0 : static_cast<double>(uses.size()) / static_cast<double>(block_starts.size() - 1);
 }
 
@@ -291,6 +309,12 @@ struct TileUses {
 
 // The block strategy's per-(item, slot) tile buffers, kept by the calling thread between calls: a fresh
 // allocation of this size per call costs its page faults every time (~10 % of a short call).
+// (item, slot) pairs of one tile: the rows of its partial buffer, G rows each.
+int64_t tile_slots(const NsaProblem &p) {
+  const TileShape shape = tile_shape(p);
+  return shape.rows * shape.kv_heads * (p.q_heads / p.kv_heads) * p.select_block_count;
+}
+
 float *tile_workspace(size_t floats) {
   thread_local std::vector<float> workspace;
   if (workspace.size() < floats) workspace.resize(floats);
@@ -302,33 +326,37 @@ float *tile_workspace(size_t floats) {
 template <class BlockStep, class ItemStep>
 void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, BlockStep block_step,
                      ItemStep item_step) {
-  const int64_t tile_rows = block_tile_rows(p);
+  const TileShape shape = tile_shape(p);
   TileUses tile_uses;
 #pragma omp parallel num_threads(active_threads())
   {
     const BlockThreadScratch scratch(p);
-    for (int64_t tile_begin = 0; tile_begin < p.q_tokens; tile_begin += tile_rows) {
-      const int64_t items = std::min(tile_rows, p.q_tokens - tile_begin) * p.kv_heads;
+    // Query rows inside: the tiles after one another share most of their blocks.
+    for (int64_t head_begin = 0; head_begin < p.kv_heads; head_begin += shape.kv_heads) {
+      const int64_t heads = std::min(shape.kv_heads, p.kv_heads - head_begin);
+      for (int64_t tile_begin = 0; tile_begin < p.q_tokens; tile_begin += shape.rows) {
+        const int64_t rows = std::min(shape.rows, p.q_tokens - tile_begin);
 #pragma omp single
-      {
-        tile->tile_begin = tile_begin;
-        collect_block_uses(p, topk, tile_begin, items / p.kv_heads, &tile_uses.uses, &tile_uses.block_starts);
-      }  // (implicit barriers after each step)
+        {
+          *tile = {tile_begin, head_begin, heads, tile->partial, tile->stats};
+          collect_block_uses(p, topk, tile_begin, rows, head_begin, heads, &tile_uses.uses, &tile_uses.block_starts);
+        }  // (implicit barriers after each step)
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t blk = 0; blk < tile_uses.blocks(); ++blk) {
-        block_step(*tile, tile_uses.of(blk), tile_uses.count(blk), scratch.get());
-      }
+        for (int64_t blk = 0; blk < tile_uses.blocks(); ++blk) {
+          block_step(*tile, tile_uses.of(blk), tile_uses.count(blk), scratch.get());
+        }
 #pragma omp for schedule(dynamic, 4)
-      for (int64_t item = 0; item < items; ++item) item_step(*tile, item, scratch.acc());
+        for (int64_t item = 0; item < rows * heads; ++item) item_step(*tile, item, scratch.acc());
+      }
     }
   }
 }
 
 void forward_by_blocks(const NsaProblem &p, const ForwardArgs &args) {
   const BlockKernels &kernels = block_entry::active();
-  const int64_t slots = block_tile_rows(p) * p.q_heads * p.select_block_count;
+  const int64_t slots = tile_slots(p);
   float *workspace = tile_workspace(slots * (p.v_head_dim + 2));
-  TileView tile{0, workspace, workspace + slots * p.v_head_dim};
+  TileView tile{0, 0, 0, workspace, workspace + slots * p.v_head_dim};
   run_block_tiles(
       p, args.topk, &tile,
       [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {
@@ -357,7 +385,7 @@ void backward_by_items(const NsaProblem &p, const BackwardArgs &args) {
 
   for (int64_t tile_begin = 0; tile_begin < p.q_tokens; tile_begin += tile_rows) {
     const int64_t rows = std::min(tile_rows, p.q_tokens - tile_begin);
-    collect_block_uses(p, args.topk, tile_begin, rows, &uses, &block_starts);
+    collect_block_uses(p, args.topk, tile_begin, rows, 0, N2, &uses, &block_starts);
     const int64_t block_count = static_cast<int64_t>(block_starts.size()) - 1;
 
 #pragma omp parallel num_threads(threads)
@@ -381,8 +409,7 @@ void backward_by_items(const NsaProblem &p, const BackwardArgs &args) {
 
 void backward_by_blocks(const NsaProblem &p, const BackwardArgs &args) {
   const BlockKernels &kernels = block_entry::active();
-  const int64_t slots = block_tile_rows(p) * p.q_heads * p.select_block_count;
-  TileView tile{0, tile_workspace(slots * p.qk_head_dim), nullptr};
+  TileView tile{0, 0, 0, tile_workspace(tile_slots(p) * p.qk_head_dim), nullptr};
   run_block_tiles(
       p, args.topk, &tile,
       [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {
@@ -460,6 +487,13 @@ extern "C" const char *ms_nsa_kernel_isa() { return ms_nsa::nsa_kernel_isa(); }
 
 // For the tests and the benchmark (ctypes), not part of the API: force a strategy (0 = choose per call,
 // 1 = per item, 2 = per KV block); returns the previous setting.
+// For tests: the block strategy's tiles forced to `rows` query rows by `kv_heads` KV heads (0: chosen
+// per call, as without it).
+extern "C" void ms_nsa_force_block_tile(int64_t rows, int64_t kv_heads) {
+  ms_nsa::g_forced_tile_rows.store(std::max<int64_t>(0, rows));
+  ms_nsa::g_forced_tile_heads.store(std::max<int64_t>(0, kv_heads));
+}
+
 extern "C" int ms_nsa_force_strategy(int strategy) {
   const int previous = static_cast<int>(ms_nsa::forced_strategy());
   ms_nsa::g_forced_strategy.store(strategy >= 0 && strategy <= 2 ? strategy : 0);

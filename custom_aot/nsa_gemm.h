@@ -44,7 +44,7 @@ MS_NSA_INLINE void product_tile(int64_t K, MatrixA a, const float *b, int64_t ld
     for (int v = 0; v < Vecs; ++v) b_row[v] = load<W>(b + k * ldb + v * W);
     for (int r = 0; r < Rows; ++r) {
       const float a_rk = a.at(r, k);  // scalar * vector: one broadcast, folded into the FMA
-      for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * b_row[v];
+      for (int v = 0; v < Vecs; ++v) acc[r][v] = multiply_add(acc[r][v], a_rk, b_row[v]);
     }
   }
   for (int r = 0; r < Rows; ++r) {
@@ -111,14 +111,14 @@ MS_NSA_INLINE void ragged_tile(int64_t m0, RowK row_k, MatrixA a, const float *b
     for (int v = 0; v < Vecs; ++v) b_row[v] = load<W>(b + k * ldb + v * W);
     for (int r = 0; r < Rows; ++r) {
       const float a_rk = a.at(r, k);
-      for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * b_row[v];
+      for (int v = 0; v < Vecs; ++v) acc[r][v] = multiply_add(acc[r][v], a_rk, b_row[v]);
     }
   }
   for (; k < k_longest; ++k) {
     for (int r = 0; r < Rows; ++r) {
       if (k >= k_of[r]) continue;
       const float a_rk = a.at(r, k);
-      for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * load<W>(b + k * ldb + v * W);
+      for (int v = 0; v < Vecs; ++v) acc[r][v] = multiply_add(acc[r][v], a_rk, load<W>(b + k * ldb + v * W));
     }
   }
   for (int r = 0; r < Rows; ++r) {
@@ -189,7 +189,7 @@ MS_NSA_INLINE void segments_tile(int64_t m0, int64_t n0, const Segment *segments
         for (int v = 0; v < Vecs; ++v) b_row[v] = load<W>(b + k * seg.ldb + v * W);
         for (int r = 0; r < Rows; ++r) {
           const float a_rk = a[r * seg.a.row_stride + k * seg.a.col_stride];
-          for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * b_row[v];
+          for (int v = 0; v < Vecs; ++v) acc[r][v] = multiply_add(acc[r][v], a_rk, b_row[v]);
         }
       }
     } else {  // a causal diagonal block: only its first (seg.rows - m0) rows here are reached
@@ -197,7 +197,9 @@ MS_NSA_INLINE void segments_tile(int64_t m0, int64_t n0, const Segment *segments
       for (int64_t k = 0; k < seg.k; ++k) {
         for (int r = 0; r < Rows && r < live; ++r) {
           const float a_rk = a[r * seg.a.row_stride + k * seg.a.col_stride];
-          for (int v = 0; v < Vecs; ++v) acc[r][v] += a_rk * load<W>(b + k * seg.ldb + v * W);
+          for (int v = 0; v < Vecs; ++v) {
+            acc[r][v] = multiply_add(acc[r][v], a_rk, load<W>(b + k * seg.ldb + v * W));
+          }
         }
       }
     }

@@ -43,6 +43,25 @@ MS_NSA_INLINE void store(float *dst, typename Lanes<W>::type v) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
+// acc + a * b: one FMA where the ISA has one (-ffp-contract=fast), whether V is a vector or, for a
+// product's last columns, a plain float. For the float the empty asm keeps GCC's loop vectorizer off
+// the chain: it made an in-order vector reduction of it, multiplying apart from the adds, so those
+// columns were rounded unlike the vector ones, and a result's bits depended on how wide its product was.
+#if defined(MS_NSA_ARCH_X86)
+#define MS_NSA_KEEP_SCALAR(x) __asm__("" : "+x"(x))
+#elif defined(MS_NSA_ARCH_AARCH64)
+#define MS_NSA_KEEP_SCALAR(x) __asm__("" : "+w"(x))
+#else
+#define MS_NSA_KEEP_SCALAR(x) static_cast<void>(x)
+#endif
+
+template <class V>
+MS_NSA_INLINE V multiply_add(V acc, float a, V b) {
+  acc += a * b;
+  if constexpr (sizeof(V) == sizeof(float)) MS_NSA_KEEP_SCALAR(acc);
+  return acc;
+}
+
 // x in every lane (for constants; in the products a float times a vector does the broadcast, which
 // the compiler then fuses into the FMA's memory operand).
 template <int W>

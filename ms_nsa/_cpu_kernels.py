@@ -41,6 +41,8 @@ def _library() -> ctypes.CDLL:
     lib.ms_nsa_validate.restype = ctypes.c_int
     lib.ms_nsa_force_strategy.argtypes = [ctypes.c_int]
     lib.ms_nsa_force_strategy.restype = ctypes.c_int
+    lib.ms_nsa_force_block_tile.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.ms_nsa_force_block_tile.restype = None
     return lib
 
 
@@ -80,6 +82,15 @@ def _force_strategy(name: str) -> str:
         raise ValueError(f"_force_strategy: name must be one of {sorted(_STRATEGIES)}, got {name!r}")
     previous = _library().ms_nsa_force_strategy(_STRATEGIES[name])
     return {v: k for k, v in _STRATEGIES.items()}[previous]
+
+
+def _force_block_tile(rows: int, kv_heads: int) -> None:
+    """For tests, not part of the API: the block strategy's tiles forced to `rows` query rows by
+    `kv_heads` KV heads; 0 for either lets each call choose it again."""
+    for name, value in (("rows", rows), ("kv_heads", kv_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"_force_block_tile: {name} must be an int >= 0, got {value!r}")
+    _library().ms_nsa_force_block_tile(rows, kv_heads)
 
 
 def kernel_inputs(op_def: OpDef) -> List[str]:

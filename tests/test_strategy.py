@@ -91,6 +91,29 @@ def test_forced_strategy_is_independent_of_thread_count(strategy, dtype):
         assert_same_bits(results[0], other)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_block_tiles_change_no_bits(dtype):
+    # The block strategy's tiles (query rows x KV heads, chosen per call) only regroup the work: tiles of
+    # a few rows and one or two heads, which split every block's uses across tiles and chunks, give the
+    # same bits as the tiles it picks itself (here one tile holds everything).
+    case = Case(q_lens=(40, 33, 70), kv_blocks=(4, 3, 5), q_heads=6, kv_heads=3, select_block_count=3,
+                duplicates=True, keep_diagonal=True, sparse_mode=2, dtype=dtype).make()
+    previous = _cpu_kernels._force_strategy("blocks")
+    try:
+        results = [forward_and_backward(case)]
+        for rows, kv_heads in ((7, 1), (1, 2), (64, 3)):
+            _cpu_kernels._force_block_tile(rows, kv_heads)
+            results.append(forward_and_backward(case))
+    finally:
+        _cpu_kernels._force_block_tile(0, 0)
+        _cpu_kernels._force_strategy(previous)
+    check_against_reference(case)
+    for other in results[1:]:
+        assert_same_bits(results[0], other)
+    with pytest.raises(ValueError, match="kv_heads must be an int >= 0, got -1"):
+        _cpu_kernels._force_block_tile(8, -1)
+
+
 @pytest.mark.parametrize("sparse_mode", [0, 2])
 @pytest.mark.parametrize("injection", sorted(INJECTIONS))
 def test_forced_strategy_follows_reference_on_nonfinite_inputs(strategy, injection, sparse_mode):
