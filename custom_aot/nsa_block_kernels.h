@@ -52,13 +52,14 @@ struct BlockScratch {
   float *values_t;    // [Dv, beta_p]  V^T (backward)
   float *key_tile;    // [beta, D]     the block's key rows, copied or converted
   float *value_tile;  // [beta, Dv]
-  float *q_rows;      // [M, D]        query rows of the chunk's pairs
-  float *do_rows;     // [M, Dv]       grad rows (backward)
+  float *q_rows;      // [M, D]        query rows of the chunk's pairs, converted (half types)
+  float *do_rows;     // [M, Dv]       grad rows (backward), converted (half types)
   float *scores;      // [M, beta_p]   S, then P
   float *dscores;     // [M, beta_p]   dP, then dS (backward)
-  float *out_rows;    // [M, max(D, Dv)]  a product's result before it is scattered; converted rows
   float *pair_stats;  // [3, M]        row max, 1 / row sum, Delta per pair (backward)
-  Segment *segments;  // [2, chunk_uses]  the dV and dK segments of a chunk (backward)
+  TableSegment *segments;     // [2, chunk_uses]  the dV and dK segments of a chunk (backward)
+  const float **q_at, **do_at;  // [M] each: where each pair's query and grad rows are (tensor or q/do_rows)
+  float **partial_at;           // [M]  each pair's row of the tile's per-(item, slot) buffer
 };
 
 // Pairs of a chunk rounded up to the widest vector (the transposed forward scores' row length).
@@ -67,12 +68,13 @@ inline int64_t padded_pairs(const NsaProblem &p) { return (chunk_pairs(p.q_heads
 inline int64_t block_scratch_floats(const NsaProblem &p) {
   const int64_t m = padded_pairs(p), bp = padded_block(p);
   const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
-  return (D + Dv) * bp + p.select_block_size * (D + Dv) + m * (D + Dv + 2 * bp + std::max(D, Dv) + 3);
+  return (D + Dv) * bp + p.select_block_size * (D + Dv) + m * (D + Dv + 2 * bp + 3);
 }
 
 inline int64_t block_scratch_segments(const NsaProblem &p) { return 2 * chunk_uses(p.q_heads / p.kv_heads); }
 
-inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base, Segment *segments) {
+inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base, TableSegment *segments,
+                                        const float **input_rows, float **output_rows) {
   const int64_t m = padded_pairs(p), bp = padded_block(p);
   const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
   BlockScratch s;
@@ -84,9 +86,11 @@ inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base, Segmen
   s.do_rows = s.q_rows + m * D;
   s.scores = s.do_rows + m * Dv;
   s.dscores = s.scores + m * bp;
-  s.out_rows = s.dscores + m * bp;
-  s.pair_stats = s.out_rows + m * std::max(D, Dv);
+  s.pair_stats = s.dscores + m * bp;
   s.segments = segments;
+  s.q_at = input_rows;
+  s.do_at = input_rows + m;
+  s.partial_at = output_rows;
   return s;
 }
 
@@ -99,6 +103,7 @@ struct TileView {
   float *partial;         // [items, C, G, width]: per-(item, slot) partial O (width Dv) or dQ (width D);
                           // item = tile row * kv_heads + (KV head - kv_head_begin)
   float *stats;           // forward: [items, C, 2, G]: per-(item, slot) block max m_s, then weight; sum l_s
+  const float *row_delta; // backward: Delta = rowsum(dO * O) of every query head, [T1, N1]
   int64_t item_row(int64_t item) const { return tile_begin + item / kv_heads; }
   int64_t item_kv_head(int64_t item) const { return kv_head_begin + item % kv_heads; }
 };
@@ -115,13 +120,14 @@ inline int64_t use_slot(const NsaProblem &p, const TileView &tile, const BlockUs
   return use_item(tile, use) * p.select_block_count + use.slot;
 }
 
-// Each use's G rows of a chunk's product [uses * G, width] into its place in the per-(item, slot) buffer.
-MS_NSA_INLINE void scatter_partials(const NsaProblem &p, const TileView &tile, const BlockUse *uses, int64_t count,
-                                    const float *rows, int64_t width) {
+// Where each pair's row of a chunk's product [uses * G, width] goes: its place in the tile's
+// per-(item, slot) buffer (the products write there directly).
+MS_NSA_INLINE void partial_rows(const NsaProblem &p, const TileView &tile, const BlockUse *uses, int64_t count,
+                                int64_t width, float **rows_at) {
   const int64_t group = p.q_heads / p.kv_heads;
   for (int64_t u = 0; u < count; ++u) {
-    std::memcpy(tile.partial + use_slot(p, tile, uses[u]) * group * width, rows + u * group * width,
-                group * width * sizeof(float));
+    float *first = tile.partial + use_slot(p, tile, uses[u]) * group * width;
+    for (int64_t g = 0; g < group; ++g) rows_at[u * group + g] = first + g * width;
   }
 }
 
@@ -192,20 +198,29 @@ MS_NSA_INLINE BlockRows load_block(const NsaProblem &p, const void *key, const v
   BlockRows r;
   r.reached = rows_reached(uses, use_count);
   r.keys = kv_rows<W>(p, key, p.qk_head_dim, uses[0].block_row, uses[0].kv_head, r.reached, s.key_tile, &r.ld_key,
-                      KvCopy::kAlways);
+                      RowCopy::kAlways);
   r.values = kv_rows<W>(p, value, p.v_head_dim, uses[0].block_row, uses[0].kv_head, r.reached, s.value_tile,
-                        &r.ld_value, KvCopy::kAlways);
+                        &r.ld_value, RowCopy::kAlways);
   transpose_block<W>(r.keys, r.ld_key, r.reached, p.qk_head_dim, s.keys_t, padded_block(p));
   return r;
 }
 
-// The G rows [G, dim] of every use of a chunk, converted to float32, one after the other in `dst`.
+// Where the G rows [G, dim] of every use of a chunk are, as float32: read in place in a float32 tensor
+// (as a product's A only: see RowCopy), else converted or copied into `rows`, one use after the other.
 template <int W>
-MS_NSA_INLINE void gather_pair_rows(const NsaProblem &p, const TileView &tile, const void *tensor, int64_t dim,
-                                    const BlockUse *uses, int64_t count, float *dst) {
+MS_NSA_INLINE void pair_rows(const NsaProblem &p, const TileView &tile, const void *tensor, int64_t dim,
+                             const BlockUse *uses, int64_t count, RowCopy copy, float *rows, const float **rows_at) {
   const int64_t group = p.q_heads / p.kv_heads;
   for (int64_t u = 0; u < count; ++u) {
-    load_row_fast<W>(p.dtype, tensor, use_head0(p, tile, uses[u]) * dim, dst + u * group * dim, group * dim);
+    const int64_t offset = use_head0(p, tile, uses[u]) * dim;
+    float *copied = rows + u * group * dim;
+    const float *first = copied;
+    if (copy == RowCopy::kAlways) {
+      load_row_fast<W>(p.dtype, tensor, offset, copied, group * dim);
+    } else {
+      first = as_float<W>(p, tensor, offset, group * dim, copied);
+    }
+    for (int64_t g = 0; g < group; ++g) rows_at[u * group + g] = first + g * dim;
   }
 }
 
@@ -293,18 +308,19 @@ MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, con
   for (int64_t begin = 0; begin < use_count;) {
     const Chunk chunk = chunk_at(uses, begin, use_count, group);
     const auto pair_visible = [&chunk](int64_t pair) { return chunk.visible(pair); };
-    gather_pair_rows<W>(p, tile, f.query, D, chunk.uses, chunk.count, s.q_rows);
-    product<W, kRows, 4, Update::kOverwrite>(chunk.pairs(), chunk.reached, D, {s.q_rows, D, 1}, s.keys_t, bp,
-                                             s.scores, bp, p.scale_value);
+    pair_rows<W>(p, tile, f.query, D, chunk.uses, chunk.count, RowCopy::kOnlyToConvert, s.q_rows, s.q_at);
+    partial_rows(p, tile, chunk.uses, chunk.count, Dv, s.partial_at);
+    product<W, kRows, 4, Update::kOverwrite>(chunk.pairs(), chunk.reached, D, RowTableA{s.q_at},
+                                             Strided<const float>{s.keys_t, bp}, Strided<float>{s.scores, bp},
+                                             p.scale_value);
     for (int64_t u = 0; u < chunk.count; ++u) {
       float *stats = tile.stats + use_slot(p, tile, chunk.uses[u]) * group * 2;
       for (int64_t g = 0; g < group; ++g) {
         block_row_softmax<W>(s.scores + (u * group + g) * bp, chunk.uses[u].visible, stats + g, stats + group + g);
       }
     }
-    ragged_product<W, kRows, 4>(chunk.pairs(), Dv, pair_visible, {s.scores, bp, 1}, block.values, block.ld_value,
-                                s.out_rows, Dv);
-    scatter_partials(p, tile, chunk.uses, chunk.count, s.out_rows, Dv);
+    ragged_product<W, kRows, 4>(chunk.pairs(), Dv, pair_visible, MatrixA{s.scores, bp, 1},
+                                Strided<const float>{block.values, block.ld_value}, RowTable<float>{s.partial_at, 0});
     begin += chunk.count;
   }
 }
@@ -362,6 +378,18 @@ MS_NSA_INLINE void item_sum_partials(const NsaProblem &p, const int32_t *topk, c
 // ---------------------------------------------------------------------------------------------------
 // Backward.
 
+// Before the tiles: Delta = rowsum(dO * O) of every query head of row t, the shift of the softmax
+// gradient (once per row and head instead of once per block use: the uses had gathered O rows for it).
+// rows: 2 * N1 * Dv floats of scratch, for half types.
+template <int W>
+MS_NSA_INLINE void row_deltas(const BackwardArgs &b, int64_t t, float *rows, float *delta) {
+  const NsaProblem &p = *b.p;
+  const int64_t N1 = p.q_heads, Dv = p.v_head_dim;
+  const float *grad = as_float<W>(p, b.grad, t * N1 * Dv, N1 * Dv, rows);
+  const float *out = as_float<W>(p, b.attention_out, t * N1 * Dv, N1 * Dv, rows + N1 * Dv);
+  for (int64_t h = 0; h < N1; ++h) delta[t * N1 + h] = dot<W>(grad + h * Dv, out + h * Dv, Dv);
+}
+
 // A: everything one KV block contributes: its dK/dV rows (owned by the caller) summed over its uses in
 // order, and each use's partial dQ into the tile's per-(item, slot) buffer.
 template <int W>
@@ -383,22 +411,24 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
     const Chunk chunk = chunk_at(uses, begin, use_count, group);
     const int64_t pairs = chunk.pairs();
     const auto pair_visible = [&chunk](int64_t pair) { return chunk.visible(pair); };
-    gather_pair_rows<W>(p, tile, b.query, D, chunk.uses, chunk.count, s.q_rows);
-    gather_pair_rows<W>(p, tile, b.grad, Dv, chunk.uses, chunk.count, s.do_rows);
-    gather_pair_rows<W>(p, tile, b.attention_out, Dv, chunk.uses, chunk.count, s.out_rows);
+    // Copied: they are B of dK and dV.
+    pair_rows<W>(p, tile, b.query, D, chunk.uses, chunk.count, RowCopy::kAlways, s.q_rows, s.q_at);
+    pair_rows<W>(p, tile, b.grad, Dv, chunk.uses, chunk.count, RowCopy::kAlways, s.do_rows, s.do_at);
+    partial_rows(p, tile, chunk.uses, chunk.count, D, s.partial_at);
     for (int64_t u = 0; u < chunk.count; ++u) {
       const int64_t head0 = use_head0(p, tile, chunk.uses[u]);
       for (int64_t g = 0; g < group; ++g) {
         const int64_t pair = u * group + g;
         row_max[pair] = b.softmax_max[(head0 + g) * kSoftmaxStatWidth];
         inv_sum[pair] = 1.0f / b.softmax_sum[(head0 + g) * kSoftmaxStatWidth];
-        delta[pair] = dot<W>(s.do_rows + pair * Dv, s.out_rows + pair * Dv, Dv);
+        delta[pair] = tile.row_delta[head0 + g];
       }
     }
-    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, D, {s.q_rows, D, 1}, s.keys_t, bp, s.scores, bp,
+    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, D, RowTableA{s.q_at},
+                                             Strided<const float>{s.keys_t, bp}, Strided<float>{s.scores, bp},
                                              p.scale_value);
-    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, Dv, {s.do_rows, Dv, 1}, s.values_t, bp,
-                                             s.dscores, bp);
+    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, Dv, RowTableA{s.do_at},
+                                             Strided<const float>{s.values_t, bp}, Strided<float>{s.dscores, bp});
     // P and dS (scale folded in), whole vectors: the columns past a pair's `visible` are never read.
     for (int64_t pair = 0; pair < pairs; ++pair) {
       for (int64_t j = 0; j < chunk.visible(pair); j += W) {
@@ -409,21 +439,21 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
       }
     }
     // dV += P^T dO and dK += dS^T Q, one segment per run of uses that see the same rows, in use order.
-    Segment *dv_segments = s.segments, *dk_segments = s.segments + chunk_uses(group);
+    TableSegment *dv_segments = s.segments, *dk_segments = s.segments + chunk_uses(group);
     int64_t segment_count = 0;
     for (int64_t u = 0; u < chunk.count;) {
       int64_t run_end = u + 1;
       while (run_end < chunk.count && chunk.uses[run_end].visible == chunk.uses[u].visible) ++run_end;
       const int64_t pair0 = u * group, run_pairs = (run_end - u) * group, rows = chunk.uses[u].visible;
-      dv_segments[segment_count] = {{s.scores + pair0 * bp, 1, bp}, s.do_rows + pair0 * Dv, Dv, run_pairs, rows};
-      dk_segments[segment_count] = {{s.dscores + pair0 * bp, 1, bp}, s.q_rows + pair0 * D, D, run_pairs, rows};
+      dv_segments[segment_count] = {{s.scores + pair0 * bp, 1, bp}, {s.do_at + pair0, 0}, run_pairs, rows};
+      dk_segments[segment_count] = {{s.dscores + pair0 * bp, 1, bp}, {s.q_at + pair0, 0}, run_pairs, rows};
       ++segment_count;
       u = run_end;
     }
     segments_product<W, kRows, 4>(chunk.reached, Dv, dv_segments, segment_count, dv_block, N2 * Dv);
     segments_product<W, kRows, 4>(chunk.reached, D, dk_segments, segment_count, dk_block, N2 * D);
-    ragged_product<W, kRows, 4>(pairs, D, pair_visible, {s.dscores, bp, 1}, block.keys, block.ld_key, s.out_rows, D);
-    scatter_partials(p, tile, chunk.uses, chunk.count, s.out_rows, D);
+    ragged_product<W, kRows, 4>(pairs, D, pair_visible, MatrixA{s.dscores, bp, 1},
+                                Strided<const float>{block.keys, block.ld_key}, RowTable<float>{s.partial_at, 0});
     begin += chunk.count;
   }
 }

@@ -114,6 +114,7 @@ struct BlockKernels {
   void (*forward_finish)(const ForwardArgs &, const TileView &, int64_t item, float *acc);
   void (*backward_block)(const BackwardArgs &, const TileView &, const BlockUse *, int64_t, const BlockScratch &);
   void (*backward_finish)(const BackwardArgs &, const TileView &, int64_t item, float *acc);
+  void (*backward_deltas)(const BackwardArgs &, int64_t t, float *rows, float *delta);
 };
 
 #define MS_NSA_BLOCK_ENTRY_POINTS(ISA, NAME, TARGET, W)                                                     \
@@ -121,7 +122,7 @@ struct BlockKernels {
                                    int64_t use_count, const BlockScratch &s) {                              \
     block_forward<W>(f, tile, uses, use_count, s);                                                          \
   }                                                                                                         \
-  TARGET void forward_finish_##NAME(const ForwardArgs &f, const TileView &tile, int64_t item, float *acc) {  \
+  TARGET void forward_finish_##NAME(const ForwardArgs &f, const TileView &tile, int64_t item, float *acc) { \
     item_forward_finish<W>(f, tile, item, acc);                                                             \
   }                                                                                                         \
   TARGET void backward_block_##NAME(const BackwardArgs &b, const TileView &tile, const BlockUse *uses,      \
@@ -131,8 +132,12 @@ struct BlockKernels {
   TARGET void backward_finish_##NAME(const BackwardArgs &b, const TileView &tile, int64_t item, float *acc) { \
     item_backward_finish<W>(b, tile, item, acc);                                                            \
   }                                                                                                         \
+  TARGET void backward_deltas_##NAME(const BackwardArgs &b, int64_t t, float *rows, float *delta) {         \
+    row_deltas<W>(b, t, rows, delta);                                                                       \
+  }                                                                                                         \
   constexpr BlockKernels kKernels_##NAME = {forward_block_##NAME, forward_finish_##NAME,                    \
-                                            backward_block_##NAME, backward_finish_##NAME};
+                                            backward_block_##NAME, backward_finish_##NAME,                  \
+                                            backward_deltas_##NAME};
 
 // A namespace of their own, so that their tables' names (kKernels_<isa>) hide the per-item ones.
 namespace block_entry {
@@ -150,7 +155,7 @@ class ThreadScratch {
 
  private:
   std::vector<float> storage_;
-  std::vector<Segment> segments_;
+  std::vector<StridedSegment> segments_;
   Scratch scratch_;
 };
 
@@ -286,14 +291,18 @@ class BlockThreadScratch {
   explicit BlockThreadScratch(const NsaProblem &p)
       : storage_(block_scratch_floats(p) + p.q_heads / p.kv_heads * std::max(p.qk_head_dim, p.v_head_dim)),
         segments_(block_scratch_segments(p)),
-        scratch_(carve_block_scratch(p, storage_.data(), segments_.data())),
+        input_rows_(2 * padded_pairs(p)),
+        output_rows_(padded_pairs(p)),
+        scratch_(carve_block_scratch(p, storage_.data(), segments_.data(), input_rows_.data(), output_rows_.data())),
         acc_(storage_.data() + block_scratch_floats(p)) {}
   const BlockScratch &get() const { return scratch_; }
   float *acc() const { return acc_; }
 
  private:
   std::vector<float> storage_;
-  std::vector<Segment> segments_;
+  std::vector<TableSegment> segments_;
+  std::vector<const float *> input_rows_;
+  std::vector<float *> output_rows_;
   BlockScratch scratch_;
   float *acc_;
 };
@@ -338,7 +347,7 @@ void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, B
         const int64_t rows = std::min(shape.rows, p.q_tokens - tile_begin);
 #pragma omp single
         {
-          *tile = {tile_begin, head_begin, heads, tile->partial, tile->stats};
+          *tile = {tile_begin, head_begin, heads, tile->partial, tile->stats, tile->row_delta};
           collect_block_uses(p, topk, tile_begin, rows, head_begin, heads, &tile_uses.uses, &tile_uses.block_starts);
         }  // (implicit barriers after each step)
 #pragma omp for schedule(dynamic, 1)
@@ -356,7 +365,7 @@ void forward_by_blocks(const NsaProblem &p, const ForwardArgs &args) {
   const BlockKernels &kernels = block_entry::active();
   const int64_t slots = tile_slots(p);
   float *workspace = tile_workspace(slots * (p.v_head_dim + 2));
-  TileView tile{0, 0, 0, workspace, workspace + slots * p.v_head_dim};
+  TileView tile{0, 0, 0, workspace, workspace + slots * p.v_head_dim, nullptr};
   run_block_tiles(
       p, args.topk, &tile,
       [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {
@@ -409,7 +418,14 @@ void backward_by_items(const NsaProblem &p, const BackwardArgs &args) {
 
 void backward_by_blocks(const NsaProblem &p, const BackwardArgs &args) {
   const BlockKernels &kernels = block_entry::active();
-  TileView tile{0, 0, 0, tile_workspace(tile_slots(p) * p.qk_head_dim), nullptr};
+  std::vector<float> deltas(p.q_tokens * p.q_heads);
+#pragma omp parallel num_threads(active_threads())
+  {
+    std::vector<float> rows(p.dtype == DType::kFloat32 ? 0 : 2 * p.q_heads * p.v_head_dim);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < p.q_tokens; ++t) kernels.backward_deltas(args, t, rows.data(), deltas.data());
+  }
+  TileView tile{0, 0, 0, tile_workspace(tile_slots(p) * p.qk_head_dim), nullptr, deltas.data()};
   run_block_tiles(
       p, args.topk, &tile,
       [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {

@@ -70,7 +70,7 @@ struct Scratch {
   float *acc;        // [G, max(D, Dv)]   O or dQ being accumulated
   float *lane_stats; // [3, Gp]    row max, 1 / row sum, Delta per head
   float *use_rows;   // [kUseRows, D + Dv]  query / grad rows of a chunk of block uses (half types)
-  Segment *segments; // [2 * kUseRows]      that chunk as segments of the dv and dk products
+  StridedSegment *segments; // [2 * kUseRows]      that chunk as segments of the dv and dk products
 };
 
 // Query rows of block uses phase 2 takes per chunk (see accumulate_block).
@@ -85,7 +85,7 @@ inline int64_t scratch_floats(const NsaProblem &p, int64_t gp) {
 
 inline int64_t scratch_segments() { return 2 * kUseRows; }
 
-inline Scratch carve_scratch(const NsaProblem &p, int64_t gp, float *base, Segment *segments) {
+inline Scratch carve_scratch(const NsaProblem &p, int64_t gp, float *base, StridedSegment *segments) {
   const int64_t group = p.q_heads / p.kv_heads, span = p.select_block_count * p.select_block_size;
   const int64_t wide = std::max(p.qk_head_dim, p.v_head_dim), beta = p.select_block_size;
   Scratch s;
@@ -113,10 +113,12 @@ MS_NSA_INLINE const float *as_float(const NsaProblem &p, const void *tensor, int
   return buffer;
 }
 
-// Whether kv_rows copies float32 rows too. The block kernels read a block's rows as a product's B
-// matrix, once per register tile: rows N2 * dim floats apart share an L1 set when that is a multiple
-// of 4 KiB (N2 * dim = 2048 at N2 = 16, Dv = 128), so uncopied rows came from L2 every time.
-enum class KvCopy { kOnlyToConvert, kAlways };
+// Whether rows are copied when they are float32 already. A product's B rows are read once per
+// register tile: tensor rows N * dim floats apart share an L1 set when that is a multiple of 4 KiB
+// (K/V rows at N2 = 16, Dv = 128: 8 KiB; query rows at N1 = 16, D = 192: 12 KiB), so B rows read in
+// place came from L2 every time (the block kernels' K/V blocks, and the query and grad rows that are
+// B of dK and dV: read in place, they made the block backward 1.3x slower).
+enum class RowCopy { kOnlyToConvert, kAlways };
 
 // The `rows` key (or value) rows of KV head n from global row `first_row`, as float32 rows with
 // stride *ld: straight from the tensor for float32 (unless `copy` says kAlways), else converted or
@@ -124,9 +126,9 @@ enum class KvCopy { kOnlyToConvert, kAlways };
 template <int W>
 MS_NSA_INLINE const float *kv_rows(const NsaProblem &p, const void *tensor, int64_t dim, int64_t first_row,
                                    int64_t n, int64_t rows, float *tile, int64_t *ld,
-                                   KvCopy copy = KvCopy::kOnlyToConvert) {
+                                   RowCopy copy = RowCopy::kOnlyToConvert) {
   const int64_t row_stride = p.kv_heads * dim;
-  if (p.dtype == DType::kFloat32 && copy == KvCopy::kOnlyToConvert) {
+  if (p.dtype == DType::kFloat32 && copy == RowCopy::kOnlyToConvert) {
     *ld = row_stride;
     return static_cast<const float *>(tensor) + first_row * row_stride + n * dim;
   }
@@ -369,7 +371,7 @@ MS_NSA_INLINE void accumulate_block(const BackwardArgs &b, int64_t tile_begin, c
   const BlockUse &first = uses[0];
   float *dv_block = b.dv_acc + (first.block_row * N2 + first.kv_head) * Dv;
   float *dk_block = b.dk_acc + (first.block_row * N2 + first.kv_head) * D;
-  Segment *dv_segments = s.segments, *dk_segments = s.segments + kUseRows;
+  StridedSegment *dv_segments = s.segments, *dk_segments = s.segments + kUseRows;
   for (int64_t begin = 0; begin < use_count; begin += chunk) {
     const int64_t count = std::min(chunk, use_count - begin);
     int64_t rows_reached = 0;
@@ -380,8 +382,8 @@ MS_NSA_INLINE void accumulate_block(const BackwardArgs &b, int64_t tile_begin, c
       float *converted = s.use_rows + u * group * (D + Dv);
       const float *q = as_float<W>(p, b.query, head0 * D, group * D, converted);
       const float *d_out = as_float<W>(p, b.grad, head0 * Dv, group * Dv, converted + group * D);
-      dv_segments[u] = {{probs_t + offset, gp, 1}, d_out, Dv, group, use.visible};
-      dk_segments[u] = {{dscores_t + offset, gp, 1}, q, D, group, use.visible};
+      dv_segments[u] = {{probs_t + offset, gp, 1}, {d_out, Dv}, group, use.visible};
+      dk_segments[u] = {{dscores_t + offset, gp, 1}, {q, D}, group, use.visible};
       rows_reached = std::max(rows_reached, use.visible);
     }
     segments_product<W, kTileRegs<W> / 4, 4>(rows_reached, Dv, dv_segments, count, dv_block, N2 * Dv);
