@@ -3,9 +3,10 @@
 //
 // The per-item strategy (nsa_kernels.h) reuses a loaded K/V block across the G heads of one query
 // row only: at G = 1 a score product is a matrix-vector product and the kernels run at memory speed.
-// Here a tile of query rows is taken at once; for each KV block the G query rows of every use of it
-// ((query row, slot) pairs of the tile that selected it) are gathered into one matrix, and the
-// block's products are real matrix products with M = uses * G rows (nsa_gemm.h, 4 x 4 vector tiles).
+// Here a tile of query rows (and KV heads) is taken at once; for each KV block the G query rows of
+// every use of it ((query row, slot) pairs of the tile that selected it) make one matrix (rows found
+// through a table: read in place or copied), and the block's products are real matrix products with
+// M = uses * G rows (nsa_gemm.h, 4 x 4 vector tiles).
 // The uses of a causal diagonal block see different numbers of its rows; they still share products
 // (ragged_product and segments_product: each row or use runs to its own length, never masked by zeros).
 //
