@@ -52,7 +52,7 @@ MS_NSA_INLINE void store(float *dst, typename Lanes<W>::type v) {
 #elif defined(MS_NSA_ARCH_AARCH64)
 #define MS_NSA_KEEP_SCALAR(x) __asm__("" : "+w"(x))
 #else
-#define MS_NSA_KEEP_SCALAR(x) static_cast<void>(x)
+#define MS_NSA_KEEP_SCALAR(x) __asm__("" : "+m"(x))  // any register class would be a guess here
 #endif
 
 template <class V>
