@@ -31,7 +31,7 @@ struct MatrixA {
 };
 
 // ... or A(m, k) = rows[m][k]: rows found through a table of pointers (the block kernels' query and
-// grad rows, read where they are instead of gathered first).
+// grad rows: read in place in the forward, copies in the backward, where they are B too).
 struct RowTableA {
   const float *const *rows;
   MS_NSA_INLINE float at(int64_t m, int64_t k) const { return rows[m][k]; }
