@@ -5,7 +5,7 @@
 // row only: at G = 1 a score product is a matrix-vector product and the kernels run at memory speed.
 // Here a tile of query rows (and KV heads) is taken at once; for each KV block the G query rows of
 // every use of it ((query row, slot) pairs of the tile that selected it) make one matrix (rows found
-// through a table: read in place or copied), and the block's products are real matrix products with
+// through a table, in the tile's compact copies), and the block's products are real matrix products with
 // M = uses * G rows (nsa_gemm.h, 4 x 4 vector tiles).
 // The uses of a causal diagonal block see different numbers of its rows; they still share products
 // (ragged_product and segments_product: each row or use runs to its own length, never masked by zeros).
@@ -53,13 +53,11 @@ struct BlockScratch {
   float *values_t;    // [Dv, beta_p]  V^T (backward)
   float *key_tile;    // [beta, D]     the block's key rows, copied or converted
   float *value_tile;  // [beta, Dv]
-  float *q_rows;      // [M, D]        query rows of the chunk's pairs, converted (half types)
-  float *do_rows;     // [M, Dv]       grad rows (backward), converted (half types)
   float *scores;      // [M, beta_p]   S, then P
   float *dscores;     // [M, beta_p]   dP, then dS (backward)
   float *pair_stats;  // [3, M]        row max, 1 / row sum, Delta per pair (backward)
   TableSegment *segments;     // [2, chunk_uses]  the dV and dK segments of a chunk (backward)
-  const float **q_at, **do_at;  // [M] each: where each pair's query and grad rows are (tensor or q/do_rows)
+  const float **q_at, **do_at;  // [M] each: where each pair's query and grad rows are (in the tile's copies)
   float **partial_at;           // [M]  each pair's row of the tile's per-(item, slot) buffer
 };
 
@@ -69,7 +67,7 @@ inline int64_t padded_pairs(const NsaProblem &p) { return (chunk_pairs(p.q_heads
 inline int64_t block_scratch_floats(const NsaProblem &p) {
   const int64_t m = padded_pairs(p), bp = padded_block(p);
   const int64_t D = p.qk_head_dim, Dv = p.v_head_dim;
-  return (D + Dv) * bp + p.select_block_size * (D + Dv) + m * (D + Dv + 2 * bp + 3);
+  return (D + Dv) * bp + p.select_block_size * (D + Dv) + m * (2 * bp + 3);
 }
 
 inline int64_t block_scratch_segments(const NsaProblem &p) { return 2 * chunk_uses(p.q_heads / p.kv_heads); }
@@ -83,9 +81,7 @@ inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base, TableS
   s.values_t = s.keys_t + D * bp;
   s.key_tile = s.values_t + Dv * bp;
   s.value_tile = s.key_tile + p.select_block_size * D;
-  s.q_rows = s.value_tile + p.select_block_size * Dv;
-  s.do_rows = s.q_rows + m * D;
-  s.scores = s.do_rows + m * Dv;
+  s.scores = s.value_tile + p.select_block_size * Dv;
   s.dscores = s.scores + m * bp;
   s.pair_stats = s.dscores + m * bp;
   s.segments = segments;
@@ -99,8 +95,11 @@ inline BlockScratch carve_block_scratch(const NsaProblem &p, float *base, TableS
 // A tile is a range of query rows and a range of KV heads (tile_shape() in nsa_core.cc).
 struct TileView {
   int64_t tile_begin;     // first query row of the tile
+  int64_t rows;           // its query rows
   int64_t kv_head_begin;  // its KV heads: [kv_head_begin, kv_head_begin + kv_heads)
   int64_t kv_heads;
+  float *query_rows;      // [kv_heads, rows, G, D]: the tile's query rows as float32, KV head outer
+  float *grad_rows;       // backward: [kv_heads, rows, G, Dv], the same for the grad rows
   float *partial;         // [items, C, G, width]: per-(item, slot) partial O (width Dv) or dQ (width D);
                           // item = tile row * kv_heads + (KV head - kv_head_begin)
   float *stats;           // forward: [items, C, 2, G]: per-(item, slot) block max m_s, then weight; sum l_s
@@ -108,6 +107,12 @@ struct TileView {
   int64_t item_row(int64_t item) const { return tile_begin + item / kv_heads; }
   int64_t item_kv_head(int64_t item) const { return kv_head_begin + item % kv_heads; }
 };
+
+// Where an item's G rows are in the tile's row copies: KV head outer, so that the uses of one block (one
+// KV head) find their rows next to one another.
+inline int64_t copied_item(const TileView &tile, int64_t tile_row, int64_t kv_head) {
+  return (kv_head - tile.kv_head_begin) * tile.rows + tile_row;
+}
 
 inline int64_t use_item(const TileView &tile, const BlockUse &use) {
   return use.tile_row * tile.kv_heads + use.kv_head - tile.kv_head_begin;
@@ -206,21 +211,26 @@ MS_NSA_INLINE BlockRows load_block(const NsaProblem &p, const void *key, const v
   return r;
 }
 
-// Where the G rows [G, dim] of every use of a chunk are, as float32: read in place in a float32 tensor
-// (as a product's A only: see RowCopy), else converted or copied into `rows`, one use after the other.
+// Before a tile's blocks: the G rows [G, dim] of one item of a query-shaped tensor (item = copied_item),
+// as float32, into the tile's copy `rows`. Every block a row selected reads them there: in the tensor,
+// a row's G heads are N1 * dim floats from the next row's, so the rows of one block's uses were in
+// few cache sets (L1 and L2 alike: 12 KiB apart at N1 = 16, D = 192) and missed on every block, and
+// the backward had copied them once per block use.
 template <int W>
-MS_NSA_INLINE void pair_rows(const NsaProblem &p, const TileView &tile, const void *tensor, int64_t dim,
-                             const BlockUse *uses, int64_t count, RowCopy copy, float *rows, const float **rows_at) {
+MS_NSA_INLINE void copy_item_rows(const NsaProblem &p, const TileView &tile, const void *tensor, int64_t dim,
+                                  int64_t item, float *rows) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t tile_row = item % tile.rows, kv_head = tile.kv_head_begin + item / tile.rows;
+  const int64_t head0 = (tile.tile_begin + tile_row) * p.q_heads + kv_head * group;
+  load_row_fast<W>(p.dtype, tensor, head0 * dim, rows + item * group * dim, group * dim);
+}
+
+// Where the G rows of every use of a chunk are in a tile copy (query or grad rows, [.., G, dim]).
+MS_NSA_INLINE void pair_rows(const NsaProblem &p, const TileView &tile, const float *rows, int64_t dim,
+                             const BlockUse *uses, int64_t count, const float **rows_at) {
   const int64_t group = p.q_heads / p.kv_heads;
   for (int64_t u = 0; u < count; ++u) {
-    const int64_t offset = use_head0(p, tile, uses[u]) * dim;
-    float *copied = rows + u * group * dim;
-    const float *first = copied;
-    if (copy == RowCopy::kAlways) {
-      load_row_fast<W>(p.dtype, tensor, offset, copied, group * dim);
-    } else {
-      first = as_float<W>(p, tensor, offset, group * dim, copied);
-    }
+    const float *first = rows + copied_item(tile, uses[u].tile_row, uses[u].kv_head) * group * dim;
     for (int64_t g = 0; g < group; ++g) rows_at[u * group + g] = first + g * dim;
   }
 }
@@ -309,7 +319,7 @@ MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, con
   for (int64_t begin = 0; begin < use_count;) {
     const Chunk chunk = chunk_at(uses, begin, use_count, group);
     const auto pair_visible = [&chunk](int64_t pair) { return chunk.visible(pair); };
-    pair_rows<W>(p, tile, f.query, D, chunk.uses, chunk.count, RowCopy::kOnlyToConvert, s.q_rows, s.q_at);
+    pair_rows(p, tile, tile.query_rows, D, chunk.uses, chunk.count, s.q_at);
     partial_rows(p, tile, chunk.uses, chunk.count, Dv, s.partial_at);
     product<W, kRows, 4, Update::kOverwrite>(chunk.pairs(), chunk.reached, D, RowTableA{s.q_at},
                                              Strided<const float>{s.keys_t, bp}, Strided<float>{s.scores, bp},
@@ -412,9 +422,8 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
     const Chunk chunk = chunk_at(uses, begin, use_count, group);
     const int64_t pairs = chunk.pairs();
     const auto pair_visible = [&chunk](int64_t pair) { return chunk.visible(pair); };
-    // Copied: they are B of dK and dV.
-    pair_rows<W>(p, tile, b.query, D, chunk.uses, chunk.count, RowCopy::kAlways, s.q_rows, s.q_at);
-    pair_rows<W>(p, tile, b.grad, Dv, chunk.uses, chunk.count, RowCopy::kAlways, s.do_rows, s.do_at);
+    pair_rows(p, tile, tile.query_rows, D, chunk.uses, chunk.count, s.q_at);
+    pair_rows(p, tile, tile.grad_rows, Dv, chunk.uses, chunk.count, s.do_at);
     partial_rows(p, tile, chunk.uses, chunk.count, D, s.partial_at);
     for (int64_t u = 0; u < chunk.count; ++u) {
       const int64_t head0 = use_head0(p, tile, chunk.uses[u]);

@@ -115,6 +115,7 @@ struct BlockKernels {
   void (*backward_block)(const BackwardArgs &, const TileView &, const BlockUse *, int64_t, const BlockScratch &);
   void (*backward_finish)(const BackwardArgs &, const TileView &, int64_t item, float *acc);
   void (*backward_deltas)(const BackwardArgs &, int64_t t, float *rows, float *delta);
+  void (*copy_rows)(const NsaProblem &, const TileView &, const void *tensor, int64_t dim, int64_t item, float *rows);
 };
 
 #define MS_NSA_BLOCK_ENTRY_POINTS(ISA, NAME, TARGET, W)                                                     \
@@ -135,9 +136,13 @@ struct BlockKernels {
   TARGET void backward_deltas_##NAME(const BackwardArgs &b, int64_t t, float *rows, float *delta) {         \
     row_deltas<W>(b, t, rows, delta);                                                                       \
   }                                                                                                         \
+  TARGET void copy_rows_##NAME(const NsaProblem &p, const TileView &tile, const void *tensor, int64_t dim,    \
+                               int64_t item, float *rows) {                                                 \
+    copy_item_rows<W>(p, tile, tensor, dim, item, rows);                                                    \
+  }                                                                                                         \
   constexpr BlockKernels kKernels_##NAME = {forward_block_##NAME, forward_finish_##NAME,                    \
                                             backward_block_##NAME, backward_finish_##NAME,                  \
-                                            backward_deltas_##NAME};
+                                            backward_deltas_##NAME, copy_rows_##NAME};
 
 // A namespace of their own, so that their tables' names (kKernels_<isa>) hide the per-item ones.
 namespace block_entry {
@@ -330,11 +335,17 @@ float *tile_workspace(size_t floats) {
   return workspace.data();
 }
 
-// Runs step A (per KV block of the tile) and step D (per item of the tile) of the block strategy over
-// all tiles; `tile` is shared, its begin updated here.
-template <class BlockStep, class ItemStep>
-void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, BlockStep block_step,
-                     ItemStep item_step) {
+// The tile's copies of its query (and grad) rows, [kv_heads, rows, G, dim] (TileView).
+int64_t tile_pairs(const NsaProblem &p) {
+  const TileShape shape = tile_shape(p);
+  return shape.rows * shape.kv_heads * (p.q_heads / p.kv_heads);
+}
+
+// Runs the row copies (per item of the tile), step A (per KV block of the tile) and step D (per item)
+// of the block strategy over all tiles; `tile` is shared, its place updated here.
+template <class CopyStep, class BlockStep, class ItemStep>
+void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, CopyStep copy_step,
+                     BlockStep block_step, ItemStep item_step) {
   const TileShape shape = tile_shape(p);
   TileUses tile_uses;
 #pragma omp parallel num_threads(active_threads())
@@ -347,9 +358,14 @@ void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, B
         const int64_t rows = std::min(shape.rows, p.q_tokens - tile_begin);
 #pragma omp single
         {
-          *tile = {tile_begin, head_begin, heads, tile->partial, tile->stats, tile->row_delta};
+          tile->tile_begin = tile_begin;
+          tile->rows = rows;
+          tile->kv_head_begin = head_begin;
+          tile->kv_heads = heads;
           collect_block_uses(p, topk, tile_begin, rows, head_begin, heads, &tile_uses.uses, &tile_uses.block_starts);
         }  // (implicit barriers after each step)
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < rows * heads; ++item) copy_step(*tile, item);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t blk = 0; blk < tile_uses.blocks(); ++blk) {
           block_step(*tile, tile_uses.of(blk), tile_uses.count(blk), scratch.get());
@@ -364,10 +380,16 @@ void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, B
 void forward_by_blocks(const NsaProblem &p, const ForwardArgs &args) {
   const BlockKernels &kernels = block_entry::active();
   const int64_t slots = tile_slots(p);
-  float *workspace = tile_workspace(slots * (p.v_head_dim + 2));
-  TileView tile{0, 0, 0, workspace, workspace + slots * p.v_head_dim, nullptr};
+  float *workspace = tile_workspace(slots * (p.v_head_dim + 2) + tile_pairs(p) * p.qk_head_dim);
+  TileView tile{};
+  tile.partial = workspace;
+  tile.stats = tile.partial + slots * p.v_head_dim;
+  tile.query_rows = tile.stats + slots * 2;
   run_block_tiles(
       p, args.topk, &tile,
+      [&](const TileView &t, int64_t item) {
+        kernels.copy_rows(p, t, args.query, p.qk_head_dim, item, t.query_rows);
+      },
       [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {
         kernels.forward_block(args, t, uses, count, s);
       },
@@ -425,9 +447,18 @@ void backward_by_blocks(const NsaProblem &p, const BackwardArgs &args) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < p.q_tokens; ++t) kernels.backward_deltas(args, t, rows.data(), deltas.data());
   }
-  TileView tile{0, 0, 0, tile_workspace(tile_slots(p) * p.qk_head_dim), nullptr, deltas.data()};
+  const int64_t slots = tile_slots(p), pairs = tile_pairs(p);
+  TileView tile{};
+  tile.partial = tile_workspace(slots * p.qk_head_dim + pairs * (p.qk_head_dim + p.v_head_dim));
+  tile.query_rows = tile.partial + slots * p.qk_head_dim;
+  tile.grad_rows = tile.query_rows + pairs * p.qk_head_dim;
+  tile.row_delta = deltas.data();
   run_block_tiles(
       p, args.topk, &tile,
+      [&](const TileView &t, int64_t item) {
+        kernels.copy_rows(p, t, args.query, p.qk_head_dim, item, t.query_rows);
+        kernels.copy_rows(p, t, args.grad, p.v_head_dim, item, t.grad_rows);
+      },
       [&](const TileView &t, const BlockUse *uses, int64_t count, const BlockScratch &s) {
         kernels.backward_block(args, t, uses, count, s);
       },

@@ -28,14 +28,17 @@ struct MatrixA {
   int64_t col_stride;  // step in k
   MS_NSA_INLINE float at(int64_t m, int64_t k) const { return data[m * row_stride + k * col_stride]; }
   MS_NSA_INLINE MatrixA rows_from(int64_t m) const { return {data + m * row_stride, row_stride, col_stride}; }
+  MS_NSA_INLINE MatrixA cols_from(int64_t k) const { return {data + k * col_stride, row_stride, col_stride}; }
 };
 
 // ... or A(m, k) = rows[m][k]: rows found through a table of pointers (the block kernels' query and
-// grad rows: read in place in the forward, copies in the backward, where they are B too).
+// grad rows, in the tile's compact copies).
 struct RowTableA {
   const float *const *rows;
-  MS_NSA_INLINE float at(int64_t m, int64_t k) const { return rows[m][k]; }
-  MS_NSA_INLINE RowTableA rows_from(int64_t m) const { return {rows + m}; }
+  int64_t col = 0;
+  MS_NSA_INLINE float at(int64_t m, int64_t k) const { return rows[m][col + k]; }
+  MS_NSA_INLINE RowTableA rows_from(int64_t m) const { return {rows + m, col}; }
+  MS_NSA_INLINE RowTableA cols_from(int64_t k) const { return {rows, col + k}; }
 };
 
 // B and C, read (and written) a row of vectors at a time: row r starts at data + r * ld ...
@@ -48,8 +51,8 @@ struct Strided {
   MS_NSA_INLINE Strided cols_from(int64_t n) const { return {data + n, ld}; }
 };
 
-// ... or at rows[r] + col: rows through a table (B: the block backward's copied query and grad rows,
-// one use's G rows after another; C: the block kernels' per-(item, slot) partial rows, written in
+// ... or at rows[r] + col: rows through a table (B: the block backward's query and grad rows in the
+// tile's copies, one use's G rows after another; C: the block kernels' per-(item, slot) partial rows, written in
 // place instead of scattered afterwards).
 template <class T>
 struct RowTable {
@@ -60,15 +63,13 @@ struct RowTable {
   MS_NSA_INLINE RowTable cols_from(int64_t n) const { return {rows, col + n}; }
 };
 
-// One register tile: C[Rows, Vecs * W].
-template <int W, int Rows, int Vecs, Update U, class A, class B, class C>
+// One register tile: C[Rows, Vecs * W], started from C (kLoad) or zero, stored times alpha (kScale) or not.
+template <int W, int Rows, int Vecs, bool kLoad, bool kScale, class A, class B, class C>
 MS_NSA_INLINE void product_tile(int64_t K, A a, B b, C c, float alpha) {
   typedef typename Lanes<W>::type V;
   V acc[Rows][Vecs];
   for (int r = 0; r < Rows; ++r) {
-    for (int v = 0; v < Vecs; ++v) {
-      acc[r][v] = U == Update::kAccumulate ? load<W>(c.row(r) + v * W) : V{};
-    }
+    for (int v = 0; v < Vecs; ++v) acc[r][v] = kLoad ? load<W>(c.row(r) + v * W) : V{};
   }
   for (int64_t k = 0; k < K; ++k) {
     V b_row[Vecs];
@@ -80,20 +81,51 @@ MS_NSA_INLINE void product_tile(int64_t K, A a, B b, C c, float alpha) {
     }
   }
   for (int r = 0; r < Rows; ++r) {
-    for (int v = 0; v < Vecs; ++v) {
-      store<W>(c.row(r) + v * W, U == Update::kAccumulate ? acc[r][v] : acc[r][v] * alpha);
-    }
+    for (int v = 0; v < Vecs; ++v) store<W>(c.row(r) + v * W, kScale ? acc[r][v] * alpha : acc[r][v]);
   }
 }
 
-// All M rows of one column strip: full tiles of Rows, then the remaining rows one at a time (the
-// kernels choose Rows to divide the usual M: beta or G; only causal diagonal blocks leave a rest).
-template <int W, int Rows, int Vecs, Update U, class A, class B, class C>
+// All M rows of one column strip over k in [0, K): full tiles of Rows, then the remaining rows one at
+// a time (the kernels choose Rows to divide the usual M; only causal diagonal blocks leave a rest).
+template <int W, int Rows, int Vecs, bool kLoad, bool kScale, class A, class B, class C>
 MS_NSA_INLINE void product_strip(int64_t M, int64_t K, A a, B b, C c, float alpha) {
   int64_t m = 0;
-  for (; m + Rows <= M; m += Rows) product_tile<W, Rows, Vecs, U>(K, a.rows_from(m), b, c.rows_from(m), alpha);
+  for (; m + Rows <= M; m += Rows) {
+    product_tile<W, Rows, Vecs, kLoad, kScale>(K, a.rows_from(m), b, c.rows_from(m), alpha);
+  }
   if constexpr (Rows > 1) {
-    for (; m < M; ++m) product_tile<W, 1, Vecs, U>(K, a.rows_from(m), b, c.rows_from(m), alpha);
+    for (; m < M; ++m) product_tile<W, 1, Vecs, kLoad, kScale>(K, a.rows_from(m), b, c.rows_from(m), alpha);
+  }
+}
+
+// B panels a column strip keeps in L1 while all its row tiles take them: at most this many floats
+// (16 KiB, a third of a 48 KiB L1). Every row tile of a strip reads all of the strip's B, so a deeper
+// B (K = D = 192 at 64 columns: 48 KiB) came from L2 on every tile, at L2's bandwidth, not the FMAs'.
+constexpr int64_t kPanelFloats = 4096;
+
+// One column strip, k cut into panels of equal depth: the first panel starts the tiles (from C or
+// zero), the others continue from what the previous one stored, alpha goes into the last store.
+// Each C element still sees the same FMAs in the same k order: the same bits as one pass over K.
+template <int W, int Rows, int Vecs, Update U, class A, class B, class C>
+MS_NSA_INLINE void product_panels(int64_t M, int64_t K, A a, B b, C c, float alpha) {
+  constexpr bool kAccumulate = U == Update::kAccumulate;
+  const int64_t panels = (K * Vecs * W + kPanelFloats - 1) / kPanelFloats;
+  if (panels <= 1) {
+    product_strip<W, Rows, Vecs, kAccumulate, !kAccumulate>(M, K, a, b, c, alpha);
+    return;
+  }
+  const int64_t depth = (K + panels - 1) / panels;
+  for (int64_t k0 = 0; k0 < K; k0 += depth) {
+    const int64_t k_end = k0 + depth < K ? k0 + depth : K;
+    const A a_k = a.cols_from(k0);
+    const B b_k = b.rows_from(k0);
+    if (k0 == 0) {
+      product_strip<W, Rows, Vecs, kAccumulate, false>(M, k_end - k0, a_k, b_k, c, alpha);
+    } else if (k_end < K || kAccumulate) {
+      product_strip<W, Rows, Vecs, true, false>(M, k_end - k0, a_k, b_k, c, alpha);
+    } else {
+      product_strip<W, Rows, Vecs, true, true>(M, k_end - k0, a_k, b_k, c, alpha);
+    }
   }
 }
 
@@ -102,13 +134,13 @@ template <int W, int Rows, int Vecs, Update U, class A, class B, class C>
 MS_NSA_INLINE void product(int64_t M, int64_t N, int64_t K, A a, B b, C c, float alpha = 1.0f) {
   int64_t n = 0;
   for (; n + Vecs * W <= N; n += Vecs * W) {
-    product_strip<W, Rows, Vecs, U>(M, K, a, b.cols_from(n), c.cols_from(n), alpha);
+    product_panels<W, Rows, Vecs, U>(M, K, a, b.cols_from(n), c.cols_from(n), alpha);
   }
   if constexpr (Vecs > 1) {
-    for (; n + W <= N; n += W) product_strip<W, Rows, 1, U>(M, K, a, b.cols_from(n), c.cols_from(n), alpha);
+    for (; n + W <= N; n += W) product_panels<W, Rows, 1, U>(M, K, a, b.cols_from(n), c.cols_from(n), alpha);
   }
   if constexpr (W > 1) {
-    for (; n < N; ++n) product_strip<1, Rows, 1, U>(M, K, a, b.cols_from(n), c.cols_from(n), alpha);
+    for (; n < N; ++n) product_panels<1, Rows, 1, U>(M, K, a, b.cols_from(n), c.cols_from(n), alpha);
   }
 }
 
@@ -247,14 +279,49 @@ MS_NSA_INLINE void segments_strip(int64_t M, int64_t n0, const Segment<B> *segme
   for (; m < M; ++m) segments_tile<W, 1, Vecs>(m, n0, segments, segment_count, c + m * ldc + n0, ldc);
 }
 
+// One column strip in k panels (see kPanelFloats): consecutive segments, cut where a panel ends, so
+// that the strip's B rows and A columns of a panel stay in L1 while all its row tiles take them (a
+// chunk's 128 pairs of dS^T and Q rows had filled L1 twice over). Each C element still sees its
+// segments in order and each segment in k order, from what the previous panel stored: the same bits.
+template <int W, int Rows, int Vecs, class B>
+MS_NSA_INLINE void segments_panels(int64_t M, int64_t n0, const Segment<B> *segments, int64_t segment_count,
+                                   float *c, int64_t ldc) {
+  constexpr int64_t kDepth = kPanelFloats / (Vecs * W);
+  constexpr int kMaxPieces = 64;
+  int64_t total = 0;
+  for (int64_t s = 0; s < segment_count; ++s) total += segments[s].k;
+  if (total <= kDepth) {
+    segments_strip<W, Rows, Vecs>(M, n0, segments, segment_count, c, ldc);
+    return;
+  }
+  Segment<B> pieces[kMaxPieces];
+  int64_t next = 0, next_k = 0;  // the next piece starts at segment `next`, at its k = next_k
+  while (next < segment_count) {
+    int piece_count = 0;
+    int64_t depth = 0;
+    while (next < segment_count && piece_count < kMaxPieces && depth < kDepth) {
+      const Segment<B> &seg = segments[next];
+      const int64_t take = seg.k - next_k < kDepth - depth ? seg.k - next_k : kDepth - depth;
+      pieces[piece_count++] = {seg.a.cols_from(next_k), seg.b.rows_from(next_k), take, seg.rows};
+      depth += take;
+      next_k += take;
+      if (next_k == seg.k) {
+        ++next;
+        next_k = 0;
+      }
+    }
+    segments_strip<W, Rows, Vecs>(M, n0, pieces, piece_count, c, ldc);
+  }
+}
+
 // Rows [0, M) by columns [0, N) of C, cut into strips like product().
 template <int W, int Rows, int Vecs, class B>
 MS_NSA_INLINE void segments_product(int64_t M, int64_t N, const Segment<B> *segments, int64_t segment_count, float *c,
                                     int64_t ldc) {
   int64_t n = 0;
-  for (; n + Vecs * W <= N; n += Vecs * W) segments_strip<W, Rows, Vecs>(M, n, segments, segment_count, c, ldc);
-  for (; n + W <= N; n += W) segments_strip<W, Rows, 1>(M, n, segments, segment_count, c, ldc);
-  for (; n < N; ++n) segments_strip<1, Rows, 1>(M, n, segments, segment_count, c, ldc);
+  for (; n + Vecs * W <= N; n += Vecs * W) segments_panels<W, Rows, Vecs>(M, n, segments, segment_count, c, ldc);
+  for (; n + W <= N; n += W) segments_panels<W, Rows, 1>(M, n, segments, segment_count, c, ldc);
+  for (; n < N; ++n) segments_panels<1, Rows, 1>(M, n, segments, segment_count, c, ldc);
 }
 
 }  // namespace ms_nsa

@@ -117,7 +117,8 @@ MS_NSA_INLINE const float *as_float(const NsaProblem &p, const void *tensor, int
 // register tile: tensor rows N * dim floats apart share an L1 set when that is a multiple of 4 KiB
 // (K/V rows at N2 = 16, Dv = 128: 8 KiB; query rows at N1 = 16, D = 192: 12 KiB), so B rows read in
 // place came from L2 every time (the block kernels' K/V blocks, and the query and grad rows that are
-// B of dK and dV: read in place, they made the block backward 1.3x slower).
+// B of dK and dV, which now come from the tile's compact copies: read in place, they made the block
+// backward 1.3x slower).
 enum class RowCopy { kOnlyToConvert, kAlways };
 
 // The `rows` key (or value) rows of KV head n from global row `first_row`, as float32 rows with
