@@ -26,6 +26,11 @@ KERNEL_FLAGS = [
     # target attributes, chosen at run time (custom_aot/nsa_core.cc). Fused multiply-add is allowed
     # (-ffp-contract=fast; ISO C++ mode would forbid it); -ffast-math is not (NaN/Inf must behave).
     "-ffp-contract=fast",
+    # Register allocation region by region (every loop its own): in the block kernels' large inlined
+    # bodies GCC's default ("mixed") spilled one or two accumulators of the 4 x 4 register tiles inside
+    # the k loops, a store-to-load chain on every FMA; per-loop allocation keeps them in registers
+    # (block backward 1.06-1.1x at G = 1..16, docs/performance.md). Registers only: the same bits.
+    "-fira-region=all",
     # The SIMD helpers return vector types; they are always inlined, so no call crosses the ABI
     # difference this warning is about.
     "-Wno-psabi",
