@@ -376,6 +376,7 @@ void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, C
                        &uses->block_starts);
   };
   TileUses tile_uses[2];
+  std::vector<int64_t> slot_use(shape.rows * shape.kv_heads * p.select_block_count);
   collect(0, &tile_uses[0]);
 #pragma omp parallel num_threads(active_threads())
   {
@@ -383,10 +384,16 @@ void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, C
     for (int64_t index = 0; index < tiles; ++index) {
       const TileUses &current = tile_uses[index % 2];
 #pragma omp single
-      *tile = place(index);  // (implicit barriers after each step)
-      const int64_t items = tile->rows * tile->kv_heads;
-#pragma omp for schedule(static)
+      {
+        *tile = place(index);  // (implicit barriers after each step)
+        tile->uses = current.uses.data();
+        tile->slot_use = slot_use.data();
+      }
+      const int64_t items = tile->rows * tile->kv_heads, use_count = static_cast<int64_t>(current.uses.size());
+#pragma omp for schedule(static) nowait
       for (int64_t item = 0; item < items; ++item) copy_step(*tile, item);
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < use_count; ++u) slot_use[use_slot(p, *tile, current.uses[u])] = u;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t blk = 0; blk < current.blocks(); ++blk) {
         block_step(*tile, current.of(blk), current.count(blk), scratch.get());
