@@ -390,7 +390,7 @@ void run_block_tiles(const NsaProblem &p, const int32_t *topk, TileView *tile, C
         tile->slot_use = slot_use.data();
       }
       const int64_t items = tile->rows * tile->kv_heads, use_count = static_cast<int64_t>(current.uses.size());
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(static) nowait  // the map's loop below ends in the barrier both need
       for (int64_t item = 0; item < items; ++item) copy_step(*tile, item);
 #pragma omp for schedule(static)
       for (int64_t u = 0; u < use_count; ++u) slot_use[use_slot(p, *tile, current.uses[u])] = u;
