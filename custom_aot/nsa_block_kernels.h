@@ -318,23 +318,25 @@ MS_NSA_INLINE void block_forward(const ForwardArgs &f, const TileView &tile, con
   const int64_t group = p.q_heads / p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
   const int64_t bp = padded_block(p);
   constexpr int kRows = kTileRegs<W> / 4;
+  constexpr IsaOfWidth<W> isa{};
   const BlockRows block = load_block<W>(p, f.key, f.value, uses, use_count, s);
   for (int64_t begin = 0; begin < use_count;) {
     const Chunk chunk = chunk_at(uses, begin, use_count, group);
     const auto pair_visible = [&chunk](int64_t pair) { return chunk.visible(pair); };
     pair_rows(p, tile, tile.query_rows, D, chunk.uses, chunk.count, s.q_at);
     partial_rows(p, tile, chunk.uses, chunk.count, Dv, s.partial_at);
-    product<W, kRows, 4, Update::kOverwrite>(chunk.pairs(), chunk.reached, D, RowTableA{s.q_at},
-                                             Strided<const float>{s.keys_t, bp}, Strided<float>{s.scores, bp},
-                                             p.scale_value);
+    outlined_product<W, kRows, 4, Update::kOverwrite>(isa, chunk.pairs(), chunk.reached, D, RowTableA{s.q_at},
+                                                      Strided<const float>{s.keys_t, bp}, Strided<float>{s.scores, bp},
+                                                      p.scale_value);
     for (int64_t u = 0; u < chunk.count; ++u) {
       float *stats = tile.stats + use_slot(p, tile, chunk.uses[u]) * group * 2;
       for (int64_t g = 0; g < group; ++g) {
         block_row_softmax<W>(s.scores + (u * group + g) * bp, chunk.uses[u].visible, stats + g, stats + group + g);
       }
     }
-    ragged_product<W, kRows, 4>(chunk.pairs(), Dv, pair_visible, MatrixA{s.scores, bp, 1},
-                                Strided<const float>{block.values, block.ld_value}, RowTable<float>{s.partial_at, 0});
+    outlined_ragged_product<W, kRows, 4>(isa, chunk.pairs(), Dv, pair_visible, MatrixA{s.scores, bp, 1},
+                                         Strided<const float>{block.values, block.ld_value},
+                                         RowTable<float>{s.partial_at, 0});
     begin += chunk.count;
   }
 }
@@ -414,6 +416,7 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
   const int64_t group = p.q_heads / p.kv_heads, N2 = p.kv_heads, D = p.qk_head_dim, Dv = p.v_head_dim;
   const int64_t bp = padded_block(p), max_pairs = chunk_pairs(group);
   constexpr int kRows = kTileRegs<W> / 4;
+  constexpr IsaOfWidth<W> isa{};
   const BlockUse &first = uses[0];
   const BlockRows block = load_block<W>(p, b.key, b.value, uses, use_count, s);
   transpose_block<W>(block.values, block.ld_value, block.reached, Dv, s.values_t, bp);
@@ -437,11 +440,12 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
         delta[pair] = tile.row_delta[head0 + g];
       }
     }
-    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, D, RowTableA{s.q_at},
-                                             Strided<const float>{s.keys_t, bp}, Strided<float>{s.scores, bp},
-                                             p.scale_value);
-    product<W, kRows, 4, Update::kOverwrite>(pairs, chunk.reached, Dv, RowTableA{s.do_at},
-                                             Strided<const float>{s.values_t, bp}, Strided<float>{s.dscores, bp});
+    outlined_product<W, kRows, 4, Update::kOverwrite>(isa, pairs, chunk.reached, D, RowTableA{s.q_at},
+                                                      Strided<const float>{s.keys_t, bp}, Strided<float>{s.scores, bp},
+                                                      p.scale_value);
+    outlined_product<W, kRows, 4, Update::kOverwrite>(isa, pairs, chunk.reached, Dv, RowTableA{s.do_at},
+                                                      Strided<const float>{s.values_t, bp},
+                                                      Strided<float>{s.dscores, bp});
     // P and dS (scale folded in), whole vectors: the columns past a pair's `visible` are never read.
     for (int64_t pair = 0; pair < pairs; ++pair) {
       for (int64_t j = 0; j < chunk.visible(pair); j += W) {
@@ -463,10 +467,11 @@ MS_NSA_INLINE void block_backward(const BackwardArgs &b, const TileView &tile, c
       ++segment_count;
       u = run_end;
     }
-    segments_product<W, kRows, 4>(chunk.reached, Dv, dv_segments, segment_count, dv_block, N2 * Dv);
-    segments_product<W, kRows, 4>(chunk.reached, D, dk_segments, segment_count, dk_block, N2 * D);
-    ragged_product<W, kRows, 4>(pairs, D, pair_visible, MatrixA{s.dscores, bp, 1},
-                                Strided<const float>{block.keys, block.ld_key}, RowTable<float>{s.partial_at, 0});
+    outlined_segments_product<W, kRows, 4>(isa, chunk.reached, Dv, dv_segments, segment_count, dv_block, N2 * Dv);
+    outlined_segments_product<W, kRows, 4>(isa, chunk.reached, D, dk_segments, segment_count, dk_block, N2 * D);
+    outlined_ragged_product<W, kRows, 4>(isa, pairs, D, pair_visible, MatrixA{s.dscores, bp, 1},
+                                         Strided<const float>{block.keys, block.ld_key},
+                                         RowTable<float>{s.partial_at, 0});
     begin += chunk.count;
   }
 }

@@ -324,6 +324,38 @@ MS_NSA_INLINE void segments_product(int64_t M, int64_t N, const Segment<B> *segm
   for (; n < N; ++n) segments_panels<1, Rows, 1>(M, n, segments, segment_count, c, ldc);
 }
 
+// The products the kernels call, as functions of their own: outlined_product<PW, ...>(IsaOfWidth<W>{}, ...)
+// is product<PW, ...> in a noinline function with the target attribute of the instruction set whose
+// kernels have W-lane wide vectors (one set per W on an architecture: 16 AVX-512, 8 AVX2 or NEON, 4
+// the baseline), so an AVX-512 kernel's 4-lane score product still runs AVX-512 code. Inlined into a
+// kernel's large body, a product's k loop got only the registers the rest of the body left: GCC kept
+// row offsets and the loop bound on the stack and reloaded them at every k step (four extra loads per
+// eight FMAs in the per-item score products). On its own a product has all of them (per-item forward
+// 1.06x at G = 16, docs/performance.md v12). The same operations in the same order: the same bits.
+template <int W>
+struct IsaOfWidth {};
+
+#define MS_NSA_OUTLINED_PRODUCTS(ISA, NAME, TARGET, W)                                                      \
+  template <int PW, int Rows, int Vecs, Update U, class A, class B, class C>                               \
+  TARGET __attribute__((noinline)) void outlined_product(IsaOfWidth<W>, int64_t M, int64_t N, int64_t K, A a, \
+                                                         B b, C c, float alpha = 1.0f) {                    \
+    product<PW, Rows, Vecs, U>(M, N, K, a, b, c, alpha);                                                    \
+  }                                                                                                         \
+  template <int PW, int Rows, int Vecs, class RowK, class A, class B, class C>                             \
+  TARGET __attribute__((noinline)) void outlined_ragged_product(IsaOfWidth<W>, int64_t M, int64_t N,        \
+                                                                RowK row_k, A a, B b, C c) {               \
+    ragged_product<PW, Rows, Vecs>(M, N, row_k, a, b, c);                                                   \
+  }                                                                                                         \
+  template <int PW, int Rows, int Vecs, class B>                                                           \
+  TARGET __attribute__((noinline)) void outlined_segments_product(IsaOfWidth<W>, int64_t M, int64_t N,      \
+                                                                  const Segment<B> *segments,               \
+                                                                  int64_t segment_count, float *c,          \
+                                                                  int64_t ldc) {                            \
+    segments_product<PW, Rows, Vecs>(M, N, segments, segment_count, c, ldc);                                \
+  }
+MS_NSA_FOR_EACH_ISA(MS_NSA_OUTLINED_PRODUCTS)
+#undef MS_NSA_OUTLINED_PRODUCTS
+
 }  // namespace ms_nsa
 
 #endif  // MS_NSA_NSA_GEMM_H_

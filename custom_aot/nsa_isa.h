@@ -2,7 +2,8 @@
 //
 // Every kernel is compiled once per instruction set of MS_NSA_FOR_EACH_ISA below (the kernel bodies
 // are always_inline templates over the vector width W, so the target attribute of each entry point
-// decides the instructions) and the best set the CPU supports is picked once, at load time:
+// decides the instructions; the matrix products they call are noinline functions defined per set with
+// the same attributes, nsa_gemm.h) and the best set the CPU supports is picked once, at load time:
 //   x86-64   avx512 (W 16), avx2 + fma + f16c (W 8), baseline SSE2 (W 4)
 //   aarch64  neon (W 8: two q registers per vector, vector half-precision conversions), baseline (W 4)
 //   other    baseline (W 4, whatever the compiler makes of GCC's portable vectors)

@@ -35,14 +35,16 @@ constexpr int kTileRegs = W >= 16 ? 16 : 12;
 // two vectors wide. A is a block of key (value) rows with a run-time stride, and each tile row needs
 // its own pointer: more than 8 rows run out of general registers (the pointers spill and reloading
 // them costs more than the extra B loads of a shorter tile).
-template <int SW, int Regs, Update U>
+template <int W, int SW, Update U>
 MS_NSA_INLINE void score_matmul(int64_t M, int64_t N, int64_t K, MatrixA a, const float *b, float *c,
                                 float alpha) {
-  constexpr int kRows = Regs / 2;
+  constexpr int kRows = kTileRegs<W> / 2;
+  const Strided<const float> b_rows{b, N};
+  const Strided<float> c_rows{c, N};
   if (N == SW) {
-    product<SW, kRows, 1, U>(M, N, K, a, b, N, c, N, alpha);
+    outlined_product<SW, kRows, 1, U>(IsaOfWidth<W>{}, M, N, K, a, b_rows, c_rows, alpha);
   } else {
-    product<SW, kRows, 2, U>(M, N, K, a, b, N, c, N, alpha);
+    outlined_product<SW, kRows, 2, U>(IsaOfWidth<W>{}, M, N, K, a, b_rows, c_rows, alpha);
   }
 }
 
@@ -51,7 +53,8 @@ MS_NSA_INLINE void score_matmul(int64_t M, int64_t N, int64_t K, MatrixA a, cons
 template <int W, int Regs>
 MS_NSA_INLINE void wide_matmul(int64_t M, int64_t N, int64_t K, MatrixA a, const float *b, int64_t ldb, float *c,
                                int64_t ldc) {
-  product<W, Regs / 4, 4, Update::kAccumulate>(M, N, K, a, b, ldb, c, ldc);
+  outlined_product<W, Regs / 4, 4, Update::kAccumulate>(IsaOfWidth<W>{}, M, N, K, a, Strided<const float>{b, ldb},
+                                                        Strided<float>{c, ldc}, 1.0f);
 }
 
 inline int64_t padded_group(int64_t group, int score_lanes) {
@@ -173,8 +176,8 @@ struct Item {
 template <int W, int SW>
 MS_NSA_INLINE void block_scores(const NsaProblem &p, const float *keys, int64_t ld_key, int64_t visible,
                                 const float *q_t, int64_t gp, float *scores_t) {
-  score_matmul<SW, kTileRegs<W>, Update::kOverwrite>(visible, gp, p.qk_head_dim, {keys, ld_key, 1}, q_t, scores_t,
-                                                     p.scale_value);
+  score_matmul<W, SW, Update::kOverwrite>(visible, gp, p.qk_head_dim, {keys, ld_key, 1}, q_t, scores_t,
+                                          p.scale_value);
   std::fill(scores_t + visible * gp, scores_t + p.select_block_size * gp, kNegInf);
 }
 
@@ -332,8 +335,7 @@ MS_NSA_INLINE void backward_item(const BackwardArgs &b, int64_t t, int64_t n, fl
     const float *values = kv_rows<W>(p, b.value, Dv, it.first_kv_row(p, i), n, visible, s.value_tile, &ld_value);
     float *probs = probs_t + i * beta * gp, *dscores = dscores_t + i * beta * gp;
     block_scores<W, SW>(p, keys, ld_key, visible, s.q_t, gp, probs);
-    score_matmul<SW, kTileRegs<W>, Update::kOverwrite>(visible, gp, Dv, {values, ld_value, 1}, s.do_t, s.scores,
-                                                       1.0f);
+    score_matmul<W, SW, Update::kOverwrite>(visible, gp, Dv, {values, ld_value, 1}, s.do_t, s.scores, 1.0f);
     for (int64_t r = 0; r < visible; ++r) {
       for (int64_t lane = 0; lane < gp; lane += SW) {
         const V prob = exp<SW>(load<SW>(probs + r * gp + lane) - load<SW>(row_max + lane)) *
@@ -387,8 +389,9 @@ MS_NSA_INLINE void accumulate_block(const BackwardArgs &b, int64_t tile_begin, c
       dk_segments[u] = {{dscores_t + offset, gp, 1}, {q, D}, group, use.visible};
       rows_reached = std::max(rows_reached, use.visible);
     }
-    segments_product<W, kTileRegs<W> / 4, 4>(rows_reached, Dv, dv_segments, count, dv_block, N2 * Dv);
-    segments_product<W, kTileRegs<W> / 4, 4>(rows_reached, D, dk_segments, count, dk_block, N2 * D);
+    constexpr IsaOfWidth<W> isa{};
+    outlined_segments_product<W, kTileRegs<W> / 4, 4>(isa, rows_reached, Dv, dv_segments, count, dv_block, N2 * Dv);
+    outlined_segments_product<W, kTileRegs<W> / 4, 4>(isa, rows_reached, D, dk_segments, count, dk_block, N2 * D);
   }
 }
 
