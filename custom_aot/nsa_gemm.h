@@ -356,6 +356,13 @@ struct IsaOfWidth {};
 MS_NSA_FOR_EACH_ISA(MS_NSA_OUTLINED_PRODUCTS)
 #undef MS_NSA_OUTLINED_PRODUCTS
 
+// The same with B and C row-major at (b, ldb) and (c, ldc).
+template <int PW, int Rows, int Vecs, Update U, int W, class A = MatrixA>
+MS_NSA_INLINE void outlined_product(IsaOfWidth<W> isa, int64_t M, int64_t N, int64_t K, A a, const float *b,
+                                    int64_t ldb, float *c, int64_t ldc, float alpha = 1.0f) {
+  outlined_product<PW, Rows, Vecs, U>(isa, M, N, K, a, Strided<const float>{b, ldb}, Strided<float>{c, ldc}, alpha);
+}
+
 }  // namespace ms_nsa
 
 #endif  // MS_NSA_NSA_GEMM_H_

@@ -39,12 +39,10 @@ template <int W, int SW, Update U>
 MS_NSA_INLINE void score_matmul(int64_t M, int64_t N, int64_t K, MatrixA a, const float *b, float *c,
                                 float alpha) {
   constexpr int kRows = kTileRegs<W> / 2;
-  const Strided<const float> b_rows{b, N};
-  const Strided<float> c_rows{c, N};
   if (N == SW) {
-    outlined_product<SW, kRows, 1, U>(IsaOfWidth<W>{}, M, N, K, a, b_rows, c_rows, alpha);
+    outlined_product<SW, kRows, 1, U>(IsaOfWidth<W>{}, M, N, K, a, b, N, c, N, alpha);
   } else {
-    outlined_product<SW, kRows, 2, U>(IsaOfWidth<W>{}, M, N, K, a, b_rows, c_rows, alpha);
+    outlined_product<SW, kRows, 2, U>(IsaOfWidth<W>{}, M, N, K, a, b, N, c, N, alpha);
   }
 }
 
@@ -53,8 +51,7 @@ MS_NSA_INLINE void score_matmul(int64_t M, int64_t N, int64_t K, MatrixA a, cons
 template <int W, int Regs>
 MS_NSA_INLINE void wide_matmul(int64_t M, int64_t N, int64_t K, MatrixA a, const float *b, int64_t ldb, float *c,
                                int64_t ldc) {
-  outlined_product<W, Regs / 4, 4, Update::kAccumulate>(IsaOfWidth<W>{}, M, N, K, a, Strided<const float>{b, ldb},
-                                                        Strided<float>{c, ldc}, 1.0f);
+  outlined_product<W, Regs / 4, 4, Update::kAccumulate>(IsaOfWidth<W>{}, M, N, K, a, b, ldb, c, ldc);
 }
 
 inline int64_t padded_group(int64_t group, int score_lanes) {

@@ -182,8 +182,9 @@ template <int W>
 MS_NSA_INLINE void tile_scores(const WindowProblem &p, const Tiling &tl, const Tile &q, const Tile &k,
                                const float *keys, int64_t ld_key, const Scratch &s) {
   const int64_t group = tl.group, Mp = Tiling::padded(q.count * group);
-  product<W, kTileRegs<W> / 4, 4, Update::kOverwrite>(k.count, Mp, p.qk_head_dim, {keys, ld_key, 1}, s.q_t, Mp,
-                                                      s.scores, Mp, p.scale_value);
+  outlined_product<W, kTileRegs<W> / 4, 4, Update::kOverwrite>(IsaOfWidth<W>{}, k.count, Mp, p.qk_head_dim,
+                                                               {keys, ld_key, 1}, s.q_t, Mp, s.scores, Mp,
+                                                               p.scale_value);
   for (int64_t j = 0; j < k.count; ++j) {
     const int64_t key = k.begin + j;
     const int64_t first_row = std::clamp<int64_t>(key - q.begin, 0, q.count);
@@ -322,8 +323,8 @@ MS_NSA_INLINE void probs_and_dscores(const WindowProblem &p, const Tiling &tl, c
   typedef typename Lanes<W>::type V;
   const int64_t Mp = Tiling::padded(q.count * tl.group);
   tile_scores<W>(p, tl, q, k, keys, ld_key, s);
-  product<W, kTileRegs<W> / 4, 4, Update::kOverwrite>(k.count, Mp, p.v_head_dim, {values, ld_value, 1}, s.d_out_t,
-                                                      Mp, s.dscores, Mp, 1.0f);
+  outlined_product<W, kTileRegs<W> / 4, 4, Update::kOverwrite>(IsaOfWidth<W>{}, k.count, Mp, p.v_head_dim,
+                                                               {values, ld_value, 1}, s.d_out_t, Mp, s.dscores, Mp);
   for (int64_t lane = 0; lane < Mp; lane += W) {
     const V row_max = load<W>(s.row_max + lane), inv_sum = load<W>(s.row_sum + lane);
     const V delta = load<W>(s.lane_aux + lane);
